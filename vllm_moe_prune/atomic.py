@@ -15,6 +15,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _default_permissions(path: Path) -> None:
+    """Give ``path`` the mode plain ``open()`` / ``mkdir()`` would have (umask applied).
+
+    ``mkstemp`` / ``mkdtemp`` (and safetensors' writer) create owner-only files; outputs
+    meant for other processes, such as a vLLM server running as another user, must be
+    readable like any other file the user creates.
+    """
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -37,6 +53,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        _default_permissions(tmp_path)
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, target)
@@ -65,6 +82,9 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
+        for path in [tmp, *tmp.rglob("*")]:
+            if not path.is_symlink():
+                _default_permissions(path)
         os.rename(tmp, target)
         _fsync_dir(target.parent)
     except BaseException:

@@ -149,6 +149,32 @@ FAMILIES: dict[str, MoEFamily] = {
             moe_layers=_every_layer,
             renormalise_default=False,
         ),
+        # Tensor names checked against what transformers 5.19 writes for both versions.
+        # transformers' DeepSeek-V2 router never renormalises; vLLM follows norm_topk_prob
+        # (false in the released V2 configs, so both agree there).
+        MoEFamily(
+            model_type="deepseek_v2",
+            architecture="DeepseekV2ForCausalLM",
+            experts_keys=("n_routed_experts",),
+            router="model.layers.{layer}.mlp.gate.weight",
+            expert="model.layers.{layer}.mlp.experts.{expert}.",
+            expert_parts=_QWEN_EXPERT,
+            moe_layers=_deepseek_layers,
+            renormalise_default=False,
+            shared_expert_prefixes=("mlp.shared_experts.",),
+        ),
+        MoEFamily(
+            model_type="deepseek_v3",
+            architecture="DeepseekV3ForCausalLM",
+            experts_keys=("n_routed_experts",),
+            router="model.layers.{layer}.mlp.gate.weight",
+            expert="model.layers.{layer}.mlp.experts.{expert}.",
+            expert_parts=_QWEN_EXPERT,
+            moe_layers=_deepseek_layers,
+            renormalise_default=True,
+            router_extras=("model.layers.{layer}.mlp.gate.e_score_correction_bias",),
+            shared_expert_prefixes=("mlp.shared_experts.",),
+        ),
     )
 }
 

@@ -9,6 +9,7 @@ decoder layer 0: models with dense leading layers keep a dense index.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -64,6 +65,31 @@ class RoutingStats:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in TENSOR_NAMES}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python values: what crosses process boundaries (RPC, JSON) unchanged."""
+        return {
+            "moe_layers": list(self.moe_layers),
+            "top_k": self.top_k,
+            "tokens": self.tokens,
+            **{name: tensor.tolist() for name, tensor in self.tensors().items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RoutingStats":
+        """Inverse of :meth:`to_dict`; validates the result."""
+        dtypes = {"counts": torch.int64, "prob_sum": torch.float64, "gate_sum": torch.float64, "transitions": torch.int64}
+        moe_layers = tuple(int(x) for x in data["moe_layers"])
+        stats = cls(
+            moe_layers=moe_layers,
+            top_k=int(data["top_k"]),
+            tokens=int(data["tokens"]),
+            **{name: torch.tensor(data[name], dtype=dtype) for name, dtype in dtypes.items()},
+        )
+        if stats.transitions.numel() == 0:
+            stats.transitions = stats.transitions.reshape(max(len(moe_layers) - 1, 0), stats.num_experts, stats.num_experts)
+        stats.validate()
+        return stats
 
     def validate(self) -> None:
         """Check shapes, dtypes, signs, finiteness and the exact count invariant."""
