@@ -1,0 +1,244 @@
+"""HTTP control of routing capture on the vLLM server itself (``vllm.endpoint_plugins``).
+
+Routes (JSON in, JSON out; bad requests get a 400 naming the problem):
+
+* ``POST /moe_prune/trace/start`` ``{"label": "python"}`` (label optional): count traffic;
+* ``POST /moe_prune/trace/stop``: stop counting and flush what was counted;
+* ``POST /moe_prune/trace/reset``: discard what was counted since the last flush;
+* ``POST /moe_prune/trace/dump``: flush now; returns the shard written (if any);
+* ``GET /moe_prune/trace/status``: state, counters, tracing health.
+
+A background task flushes every ``VLLM_MOE_PRUNE_FLUSH_INTERVAL`` seconds into
+``VLLM_MOE_PRUNE_TRACE_DIR`` (see settings.py), so a killed server loses at most one
+interval. A flush whose write fails keeps its statistics and retries with the next one.
+Endpoint plugins load only when named in ``VLLM_PLUGINS`` (vLLM's rule for HTTP
+surface): ``vllm-moe-prune serve-args`` prints the right value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from argparse import Namespace
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from vllm.logger import init_logger
+
+from vllm_moe_prune.checkpoint import Checkpoint
+from vllm_moe_prune.plan import Plan
+from vllm_moe_prune.stats import RoutingStats
+from vllm_moe_prune.traces import FULL_VARIANT, ShardMeta, write_shard
+
+from .settings import TraceSettings
+
+logger = init_logger(__name__)
+
+_LABEL = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+
+
+class TraceService:
+    """Capture control and periodic flushing for one API server."""
+
+    def __init__(self, engine_client: Any, settings: TraceSettings, fingerprint: str, plan: Plan | None) -> None:
+        self.engine = engine_client
+        self.settings = settings
+        self.fingerprint = fingerprint
+        self.plan = plan
+        self.label = settings.label
+        self.active = False
+        self.window_start = time.time()
+        self.pending: RoutingStats | None = None
+        self.tokens_traced = 0
+        self.shards_written = 0
+        self.shards_failed = 0
+        self.last_shard: str | None = None
+        self._lock = asyncio.Lock()
+
+    async def _rpc(self, method: str, *args: Any) -> Any:
+        # Tensor-parallel workers route identically; the first one speaks for the engine.
+        return (await self.engine.collective_rpc(method, args=args))[0]
+
+    async def start(self, label: str | None = None) -> None:
+        async with self._lock:
+            if label is not None and label != self.label:
+                await self._flush_locked()
+                self.label = label
+            if not self.active:
+                await self._flush_locked(write=False)  # nothing before "start" is kept
+                await self._rpc("moe_prune_set_active", True)
+                self.active = True
+                self.window_start = time.time()
+
+    async def stop(self) -> str | None:
+        async with self._lock:
+            await self._rpc("moe_prune_set_active", False)
+            self.active = False
+            return await self._flush_locked()
+
+    async def reset(self) -> None:
+        async with self._lock:
+            await self._rpc("moe_prune_drain")
+            self.pending = None
+            self.window_start = time.time()
+
+    async def flush(self) -> str | None:
+        async with self._lock:
+            return await self._flush_locked()
+
+    async def _flush_locked(self, write: bool = True) -> str | None:
+        drained = RoutingStats.from_dict((await self._rpc("moe_prune_drain"))["stats"])
+        if not write:
+            return None
+        self.tokens_traced += drained.tokens
+        self.pending = drained if self.pending is None else self.pending + drained
+        if self.settings.trace_dir is None or self.pending.tokens == 0:
+            return None
+        end = time.time()
+        meta = ShardMeta(
+            fingerprint=self.fingerprint, start=self.window_start, end=end, label=self.label,
+            variant=self.plan.plan_id if self.plan else FULL_VARIANT, kept=self.plan.kept if self.plan else None,
+        )
+        try:
+            path = await asyncio.to_thread(write_shard, self.settings.trace_dir, self.pending, meta)
+        except Exception:
+            self.shards_failed += 1
+            logger.exception("moe_prune: writing a trace shard failed; its statistics are kept for the next flush")
+            return None
+        self.pending = None
+        self.window_start = end
+        self.shards_written += 1
+        self.last_shard = str(path)
+        return self.last_shard
+
+    async def status(self) -> dict[str, Any]:
+        worker = await self._rpc("moe_prune_status")
+        return {
+            "active": self.active,
+            "label": self.label,
+            "trace_dir": self.settings.trace_dir,
+            "flush_interval_s": self.settings.flush_interval,
+            "tokens_traced": self.tokens_traced + int(worker["tokens"]),
+            "tokens_unflushed": int(worker["tokens"]) + (self.pending.tokens if self.pending else 0),
+            "shards_written": self.shards_written,
+            "shards_failed": self.shards_failed,
+            "last_shard": self.last_shard,
+            "buffer_bytes": worker["buffer_bytes"],
+            "variant": self.plan.plan_id if self.plan else FULL_VARIANT,
+            "experts_per_layer": worker["experts_per_layer"],
+        }
+
+    async def run_periodic_flush(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.flush_interval)
+            try:
+                await self.flush()
+            except Exception:
+                logger.exception("moe_prune: periodic flush failed")
+
+
+def _plan_of(args: Namespace) -> Plan | None:
+    extra = getattr(args, "model_loader_extra_config", None) or {}
+    if isinstance(extra, str):
+        extra = json.loads(extra)
+    return Plan.load(extra["plan"]) if extra.get("plan") else None
+
+
+async def _json_body(request: Request, allowed: set[str]) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"request body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ValueError("request body must be a JSON object")
+    unknown = set(body) - allowed
+    if unknown:
+        raise ValueError(f"unknown fields {sorted(unknown)}; allowed: {sorted(allowed)}")
+    return body
+
+
+class MoePruneEndpoints:
+    """The ``vllm.endpoint_plugins`` entry: routes plus the per-server trace service."""
+
+    name = "moe_prune_endpoints"
+    required_tasks = ("generate",)
+
+    def attach_router(self, app: FastAPI) -> None:
+        def service(request: Request) -> TraceService:
+            svc = getattr(request.app.state, "moe_prune", None)
+            if svc is None:
+                raise RuntimeError("this server does not serve a model of the moe_prune plugin")
+            return svc
+
+        def error(status: int, message: str) -> JSONResponse:
+            return JSONResponse({"error": message}, status_code=status)
+
+        @app.post("/moe_prune/trace/start")
+        async def start(request: Request) -> JSONResponse:
+            try:
+                body = await _json_body(request, {"label"})
+                label = body.get("label")
+                if label is not None and (not isinstance(label, str) or not _LABEL.match(label)):
+                    raise ValueError("label must be 1-128 characters of letters, digits, '_', '.', ':' or '-'")
+                svc = service(request)
+            except (ValueError, RuntimeError) as exc:
+                return error(400, str(exc))
+            await svc.start(label)
+            return JSONResponse({"active": True, "label": svc.label})
+
+        @app.post("/moe_prune/trace/stop")
+        async def stop(request: Request) -> JSONResponse:
+            try:
+                svc = service(request)
+            except RuntimeError as exc:
+                return error(400, str(exc))
+            return JSONResponse({"active": False, "shard": await svc.stop()})
+
+        @app.post("/moe_prune/trace/reset")
+        async def reset(request: Request) -> JSONResponse:
+            try:
+                svc = service(request)
+            except RuntimeError as exc:
+                return error(400, str(exc))
+            await svc.reset()
+            return JSONResponse({"reset": True})
+
+        @app.post("/moe_prune/trace/dump")
+        async def dump(request: Request) -> JSONResponse:
+            try:
+                svc = service(request)
+            except RuntimeError as exc:
+                return error(400, str(exc))
+            if svc.settings.trace_dir is None:
+                return error(409, "no trace directory: start the server with VLLM_MOE_PRUNE_TRACE_DIR set")
+            return JSONResponse({"shard": await svc.flush()})
+
+        @app.get("/moe_prune/trace/status")
+        async def status(request: Request) -> JSONResponse:
+            try:
+                svc = service(request)
+            except RuntimeError as exc:
+                return error(400, str(exc))
+            return JSONResponse(await svc.status())
+
+    async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
+        if engine_client is None:
+            return
+        settings = TraceSettings.from_env()
+        if settings.trace_dir is not None:
+            Path(settings.trace_dir).mkdir(parents=True, exist_ok=True)
+        svc = TraceService(engine_client, settings, Checkpoint.open(args.model).fingerprint, _plan_of(args))
+        state.moe_prune = svc
+        if settings.on_boot:
+            await svc.start()
+        # Keep a reference: the event loop holds tasks only weakly.
+        svc.flush_task = asyncio.create_task(svc.run_periodic_flush())
+        logger.info("moe_prune: tracing %s, flushing every %.0f s into %s",
+                    "on" if settings.on_boot else "off", settings.flush_interval, settings.trace_dir)

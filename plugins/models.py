@@ -1,0 +1,225 @@
+"""Prunable, traceable variants of vLLM's MoE model classes, one per supported family.
+
+vLLM reads ONE expert count from the config for every layer. Each class here subclasses
+vLLM's own model class and changes two things, nothing else:
+
+1. Construction: every MoE layer is built with its own kept-expert count (from
+   ``moe_prune_experts_per_layer`` in the config, set through ``--hf-overrides`` by
+   ``vllm-moe-prune serve-args``), so pruned experts are never allocated. The family's
+   decoder-layer ``__init__`` is wrapped, for the duration of construction only, so that
+   each layer sees its own count in the config.
+2. Capture: every MoE block records its routing into the model's
+   :class:`~plugins.capture.RoutingRecorder` (see capture.py) before computing, using the
+   ORIGINAL router rows kept as a buffer, so counts stay in original expert ids and live
+   coverage of the kept set is measurable.
+
+Weight loading keeps vLLM's own code; ``load_weights`` only renumbers kept experts and
+slices router rows through :class:`vllm_moe_prune.remap.PrunedLayout`, fed by the
+``moe_prune`` loader, which reads nothing of the pruned experts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .capture import RoutingRecorder
+from vllm_moe_prune.families import FAMILIES, MoEShape
+from vllm_moe_prune.remap import PrunedLayout
+from vllm_moe_prune.serving import CONFIG_COUNTS_KEY
+
+#: Name prefix of the extra tensors the moe_prune loader sends ahead of the weights.
+KEPT_TENSOR_PREFIX = "moe_prune.kept."
+
+
+@dataclass(frozen=True)
+class VllmBinding:
+    """Where a family lives inside vLLM."""
+
+    module: str
+    model_class: str
+    layer_class: str
+    moe_attr: str
+
+
+BINDINGS: dict[str, VllmBinding] = {
+    "qwen3_moe": VllmBinding("vllm.model_executor.models.qwen3_moe", "Qwen3MoeForCausalLM", "Qwen3MoeDecoderLayer", "mlp"),
+    "qwen2_moe": VllmBinding("vllm.model_executor.models.qwen2_moe", "Qwen2MoeForCausalLM", "Qwen2MoeDecoderLayer", "mlp"),
+    "mixtral": VllmBinding("vllm.model_executor.models.mixtral", "MixtralForCausalLM", "MixtralDecoderLayer", "block_sparse_moe"),
+    "olmoe": VllmBinding("vllm.model_executor.models.olmoe", "OlmoeForCausalLM", "OlmoeDecoderLayer", "mlp"),
+}
+
+
+def experts_per_layer(config, shape: MoEShape) -> dict[int, int]:
+    """Kept-expert count of every MoE layer, from the config override or the full model."""
+    counts = getattr(config, CONFIG_COUNTS_KEY, None)
+    if counts is None:
+        return {layer: shape.num_experts for layer in shape.moe_layers}
+    counts = {int(k): int(v) for k, v in dict(counts).items()}
+    if set(counts) != set(shape.moe_layers):
+        raise ValueError(
+            f"{CONFIG_COUNTS_KEY} names layers {sorted(counts)}, but the MoE layers are {list(shape.moe_layers)}"
+        )
+    return counts
+
+
+@contextlib.contextmanager
+def _expert_count(config, keys: tuple[str, ...], count: int) -> Iterator[None]:
+    """Show ``count`` as the config's expert count while one layer is being built."""
+    saved = {key: getattr(config, key) for key in keys if hasattr(config, key)}
+    try:
+        for key in saved:
+            setattr(config, key, count)
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(config, key, value)
+
+
+class _TracedMoEBlock:
+    """Mixin put in front of a family's MoE block class: record routing, then compute."""
+
+    moe_prune_slot: int
+    moe_prune_renormalise: bool
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        self.moe_prune_recorder.record(
+            hidden_states.reshape(-1, hidden_states.shape[-1]),
+            self.moe_prune_router,
+            self.moe_prune_kept,
+            self.moe_prune_slot,
+            self.moe_prune_renormalise,
+        )
+        return super().forward(hidden_states)
+
+
+def _make_pruned_class(model_type: str) -> type[nn.Module]:
+    binding = BINDINGS[model_type]
+    family = FAMILIES[model_type]
+    module = importlib.import_module(binding.module)
+    base: type[nn.Module] = getattr(module, binding.model_class)
+    base_layer: type[nn.Module] = getattr(module, binding.layer_class)
+    traced_blocks: dict[type, type] = {}
+
+    def traced(block_class: type) -> type:
+        if block_class not in traced_blocks:
+            traced_blocks[block_class] = type(f"Traced{block_class.__name__}", (_TracedMoEBlock, block_class), {})
+        return traced_blocks[block_class]
+
+    class PrunedModel(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *, vllm_config, prefix: str = "") -> None:
+            from vllm.model_executor.models.utils import PPMissingLayer, extract_layer_index
+
+            config = vllm_config.model_config.hf_text_config
+            shape = MoEShape.from_config(config.to_dict())
+            counts = experts_per_layer(config, shape)
+
+            base_init = base_layer.__init__
+
+            def counted_init(layer_self, *args, prefix: str = "", **kwargs) -> None:
+                count = counts.get(extract_layer_index(prefix), shape.num_experts)
+                with _expert_count(config, family.experts_keys, count):
+                    base_init(layer_self, *args, prefix=prefix, **kwargs)
+
+            # vLLM's model classes refer to their decoder-layer class in several ways
+            # (globals, default arguments, isinstance checks); wrapping its __init__ for
+            # the duration of construction reaches all of them and changes no type.
+            base_layer.__init__ = counted_init
+            try:
+                super().__init__(vllm_config=vllm_config, prefix=prefix)
+            finally:
+                base_layer.__init__ = base_init
+
+            self.moe_prune_shape = shape
+            self.moe_prune_counts = counts
+            self.moe_prune_recorder = RoutingRecorder(
+                list(shape.moe_layers), shape.num_experts, shape.top_k,
+                vllm_config.scheduler_config.max_num_batched_tokens,
+            )
+            for slot, layer in enumerate(shape.moe_layers):
+                decoder_layer = self.model.layers[layer]
+                if isinstance(decoder_layer, PPMissingLayer):
+                    continue
+                block = getattr(decoder_layer, binding.moe_attr)
+                block.__class__ = traced(type(block))
+                block.moe_prune_slot = slot
+                block.moe_prune_renormalise = shape.renormalise
+                # A plain attribute, not a submodule: the recorder belongs to the model.
+                object.__setattr__(block, "moe_prune_recorder", self.moe_prune_recorder)
+                block.register_buffer(
+                    "moe_prune_router", torch.zeros(shape.num_experts, config.hidden_size, dtype=torch.float32),
+                    persistent=False,
+                )
+                block.register_buffer(
+                    "moe_prune_kept", torch.arange(counts[layer], dtype=torch.int64), persistent=False
+                )
+
+        def moe_prune_blocks(self) -> Iterator[tuple[int, nn.Module]]:
+            """(decoder layer index, traced MoE block) of the MoE layers on this rank."""
+            for layer in self.moe_prune_shape.moe_layers:
+                block = getattr(self.model.layers[layer], binding.moe_attr, None)
+                if block is not None:
+                    yield layer, block
+
+        def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+            return super().load_weights(self._moe_prune_remap(iter(weights)))
+
+        def _moe_prune_remap(self, weights: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+            """Renumber kept experts and slice routers; the kept ids arrive first.
+
+            Without kept ids (the stock loader on a full-size model, e.g. for tracing)
+            every expert is kept, and a pruned-size model refuses to load.
+            """
+            kept: dict[int, list[int]] = {}
+            layout: PrunedLayout | None = None
+            blocks = dict(self.moe_prune_blocks())
+            for name, tensor in weights:
+                if name.startswith(KEPT_TENSOR_PREFIX):
+                    kept[int(name[len(KEPT_TENSOR_PREFIX):])] = tensor.tolist()
+                    continue
+                if layout is None:
+                    layout = self._moe_prune_layout(kept)
+                remap = layout.remap(name)
+                if remap is None:
+                    continue
+                layer = layout.router_layer(name)
+                if layer is not None and layer in blocks:
+                    blocks[layer].moe_prune_router.copy_(tensor.float())
+                    blocks[layer].moe_prune_kept.copy_(torch.tensor(layout.kept[layer]))
+                yield remap.name, remap.apply(tensor)
+
+        def _moe_prune_layout(self, kept: dict[int, list[int]]) -> PrunedLayout:
+            shape = self.moe_prune_shape
+            if not kept:
+                pruned = [layer for layer, n in self.moe_prune_counts.items() if n != shape.num_experts]
+                if pruned:
+                    raise ValueError(
+                        f"MoE layers {pruned} are built pruned, but no plan reached the weights: "
+                        "serve with --load-format moe_prune and the plan (see `vllm-moe-prune serve-args`)"
+                    )
+                kept = {layer: list(range(shape.num_experts)) for layer in shape.moe_layers}
+            for layer, ids in kept.items():
+                if len(ids) != self.moe_prune_counts[layer]:
+                    raise ValueError(
+                        f"MoE layer {layer}: the plan keeps {len(ids)} experts but the model was built with "
+                        f"{self.moe_prune_counts[layer]}"
+                    )
+            return PrunedLayout(shape, kept)
+
+    PrunedModel.__name__ = PrunedModel.__qualname__ = family.pruned_architecture
+    return PrunedModel
+
+
+#: Built lazily by ``vllm.ModelRegistry`` through the "module:attr" string form.
+def __getattr__(name: str) -> type[nn.Module]:
+    for model_type, family in FAMILIES.items():
+        if name == family.pruned_architecture and model_type in BINDINGS:
+            cls = _make_pruned_class(model_type)
+            globals()[name] = cls
+            return cls
+    raise AttributeError(name)

@@ -1,0 +1,78 @@
+"""An offline vLLM engine with routing capture: what ``trace``, the demo and tests drive.
+
+It serves the full model or a plan's variant with the flags of
+:func:`vllm_moe_prune.serving.engine_args`, turns capture on only after vLLM's start-up
+(so warm-up and profiling passes are never counted), and hands back statistics as
+:class:`~vllm_moe_prune.stats.RoutingStats` in original expert ids.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vllm_moe_prune.stats import RoutingStats
+from vllm_moe_prune.serving import engine_args
+
+
+def prompt_logprobs(llm: Any, prompts_token_ids: list[list[int]]) -> list[torch.Tensor]:
+    """Log-probability a ``vllm.LLM`` gives each prompt token (position 0 has none: NaN).
+
+    The quantity behind held-out perplexity and every equivalence test with transformers.
+    """
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    outs = llm.generate(
+        [TokensPrompt(prompt_token_ids=ids) for ids in prompts_token_ids],
+        SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0),
+        use_tqdm=False,
+    )
+    result = []
+    for ids, out in zip(prompts_token_ids, outs):
+        values = [math.nan] + [out.prompt_logprobs[t][ids[t]].logprob for t in range(1, len(ids))]
+        result.append(torch.tensor(values, dtype=torch.float64))
+    return result
+
+
+class TracingLLM:
+    """``vllm.LLM`` plus the worker-extension calls of this plugin."""
+
+    def __init__(self, model: str | Path, plan: str | Path | None = None, **llm_kwargs: Any) -> None:
+        from vllm import LLM
+
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        self.args = engine_args(model, plan)
+        self.llm = LLM(**self.args, **llm_kwargs)
+
+    def set_tracing(self, on: bool) -> None:
+        self.llm.collective_rpc("moe_prune_set_active", args=(on,))
+
+    def drain(self) -> tuple[RoutingStats, dict[str, Any]]:
+        """Statistics since the last drain, and the variant's load info.
+
+        Tensor-parallel workers see the same tokens and route them identically, so the
+        first worker's statistics are the engine's (adding them would count tokens twice).
+        """
+        first = self.llm.collective_rpc("moe_prune_drain")[0]
+        return RoutingStats.from_dict(first["stats"]), first["load_info"]
+
+    def status(self) -> dict[str, Any]:
+        return self.llm.collective_rpc("moe_prune_status")[0]
+
+    def generate(self, prompts: list[Any], sampling_params: Any, use_tqdm: bool = True) -> list[Any]:
+        return self.llm.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def close(self) -> None:
+        """Stop the engine's processes now (tests and benchmarks run engines one after another)."""
+        self.llm.llm_engine.engine_core.shutdown()
+
+    def __enter__(self) -> "TracingLLM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,55 @@
+"""Methods vLLM adds to every worker (``--worker-extension-cls``), reached by ``collective_rpc``.
+
+They are the only way into the capture buffers of a running engine: the HTTP endpoints
+and the offline ``trace`` command call them. Results are plain dicts of tensors and
+numbers so that they cross vLLM's process boundary with its own serialiser.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def expert_weight_bytes(block: torch.nn.Module) -> int:
+    """Bytes of routed-expert weights a MoE block holds on this worker (w13 and w2)."""
+    return sum(
+        p.numel() * p.element_size()
+        for name, p in block.named_parameters()
+        if name.endswith(("w13_weight", "w2_weight"))
+    )
+
+
+class MoePruneWorkerExtension:
+    def _moe_prune_model(self):
+        model = self.model_runner.get_model()
+        if not hasattr(model, "moe_prune_recorder"):
+            raise RuntimeError(
+                "this engine's model has no routing capture: serve it with the flags of `vllm-moe-prune serve-args`"
+            )
+        return model
+
+    def moe_prune_set_active(self, on: bool) -> bool:
+        self._moe_prune_model().moe_prune_recorder.set_active(on)
+        return on
+
+    def moe_prune_drain(self) -> dict[str, Any]:
+        """Statistics since the last drain (original expert ids, ``RoutingStats.to_dict``); zeroes them."""
+        model = self._moe_prune_model()
+        stats = model.moe_prune_recorder.drain()
+        return {"stats": stats.to_dict(), "load_info": getattr(model, "moe_prune_load_info", {})}
+
+    def moe_prune_status(self) -> dict[str, Any]:
+        model = self._moe_prune_model()
+        recorder = model.moe_prune_recorder
+        resident = {layer: expert_weight_bytes(block) for layer, block in model.moe_prune_blocks()}
+        return {
+            "expert_bytes_resident": sum(resident.values()),
+            "expert_bytes_resident_per_layer": {str(k): v for k, v in resident.items()},
+            "active": bool(recorder.active.item()),
+            "tokens": int(recorder.tokens.item()),
+            "buffer_bytes": sum(b.numel() * b.element_size() for b in recorder.buffers()),
+            "experts_per_layer": {str(k): v for k, v in model.moe_prune_counts.items()},
+            "load_info": getattr(model, "moe_prune_load_info", {}),
+        }

@@ -1,0 +1,84 @@
+"""Serving pruned variants from the original checkpoint through --load-format moe_prune.
+
+Every served variant's prompt log-probabilities are compared with transformers running
+the same pruned model (tests/reference.py: router restricted to the kept experts).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from reference import pruned_reference_logprobs, tiny_checkpoint
+from vllm_engine import ENGINE_KWARGS, domain_prompts, max_abs_diff, reference_token_logprobs
+from vllm_moe_prune_plugins.offline import TracingLLM, prompt_logprobs
+from vllm_moe_prune.checkpoint import Checkpoint
+from vllm_moe_prune.plan import Plan
+
+pytestmark = pytest.mark.engine
+
+#: float32 end to end; differences come from kernel summation order only.
+LOGPROB_ATOL = 2e-3
+
+
+def make_plan(model_dir: Path, counts: list[int], path: Path, seed: int = 0) -> Plan:
+    """A plan keeping ``counts[i]`` pseudo-random experts of the i-th MoE layer."""
+    ckpt = Checkpoint.open(model_dir)
+    rng = random.Random(seed)
+    kept = {layer: rng.sample(range(ckpt.shape.num_experts), n) for layer, n in zip(ckpt.shape.moe_layers, counts)}
+    plan = Plan.for_checkpoint(ckpt, kept, "test")
+    plan.save(path)
+    return plan
+
+
+def serve_and_compare(model_dir: Path, plan_path: Path | None, prompts: list[list[int]], **kwargs) -> dict:
+    plan = Plan.load(plan_path) if plan_path else None
+    with TracingLLM(model_dir, plan_path, **{**ENGINE_KWARGS, **kwargs}) as engine:
+        engine.set_tracing(True)
+        got = prompt_logprobs(engine.llm, prompts)
+        stats, info = engine.drain()
+        status = engine.status()
+    want = reference_token_logprobs(pruned_reference_logprobs(model_dir, plan.kept if plan else None, prompts), prompts)
+    return {"diff": max_abs_diff(got, want), "stats": stats, "info": info, "status": status, "plan": plan}
+
+
+def test_testbed_non_uniform_plan(testbed, tmp_path):
+    ckpt = Checkpoint.open(testbed)
+    plan = make_plan(testbed, [12, 6, 9, 3], tmp_path / "plan.yaml")
+    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(testbed)
+    prompts = domain_prompts(testbed, tokenizer, per_domain=2, max_tokens=80)
+    result = serve_and_compare(testbed, tmp_path / "plan.yaml", prompts)
+    assert result["diff"] < LOGPROB_ATOL
+    # Only kept experts were read from disk: the pruned experts' bytes exactly are missing.
+    assert result["info"]["bytes_read"] == ckpt.total_bytes - plan.predicted["routed_expert_bytes_pruned"]
+    assert result["info"]["plan_id"] == plan.plan_id
+    # ... and only kept experts are resident in the engine.
+    assert result["status"]["expert_bytes_resident"] == plan.predicted["routed_expert_bytes_kept"]
+    # Capture on the variant: original ids, only kept experts routed, exact totals.
+    stats = result["stats"]
+    stats.validate()
+    assert stats.tokens == sum(len(p) for p in prompts)
+    for i, layer in enumerate(ckpt.shape.moe_layers):
+        pruned = sorted(set(range(ckpt.shape.num_experts)) - set(plan.kept[layer]))
+        assert int(stats.counts[i, pruned].sum()) == 0
+    # The full router still sees all experts: coverage of the kept set is below 1.
+    assert float(stats.kept_mass(plan.kept).min()) < 1.0
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"])
+def test_family_non_uniform_plan(family, tiny_root, tmp_path):
+    model_dir = tiny_checkpoint(family, tiny_root)
+    ckpt = Checkpoint.open(model_dir)
+    counts = [ckpt.shape.num_experts - 1 - 2 * i for i in range(len(ckpt.shape.moe_layers))]
+    make_plan(model_dir, counts, tmp_path / "plan.yaml", seed=1)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(2, 400) for _ in range(n)] for n in (17, 40, 29)]
+    result = serve_and_compare(model_dir, tmp_path / "plan.yaml", prompts, enforce_eager=True)
+    assert result["diff"] < LOGPROB_ATOL
+    # The reference itself must be able to fail: pruning changes this model's output.
+    full = reference_token_logprobs(pruned_reference_logprobs(model_dir, None, prompts), prompts)
+    pruned = reference_token_logprobs(pruned_reference_logprobs(model_dir, result["plan"].kept, prompts), prompts)
+    assert max_abs_diff(full, pruned) > 50 * LOGPROB_ATOL
