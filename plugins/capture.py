@@ -16,12 +16,20 @@ in ORIGINAL expert ids, also on a pruned variant:
   optional renormalisation) gives ``counts``, ``gate_sum`` and layer-to-layer
   ``transitions``.
 
+Optional per-token sampling (off unless the server is started with a sample capacity):
+a random share of the traced tokens, chosen once per forward pass, has its top-k ids and
+their full-softmax probabilities written, for every MoE layer, into a ring buffer of
+fixed capacity, so memory stays bounded whatever the traffic. Neither text nor token ids
+are captured.
+
 Tokens vLLM marks as padding (``forward_context.is_padding``: warm-up and CUDA-graph
 padding rows) and every token while recording is off carry weight zero, so each layer's
 counts sum to exactly ``tokens * top_k`` of the traffic served while recording was on.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,7 +50,10 @@ def _padding_mask(num_tokens: int, device: torch.device) -> torch.Tensor:
 
 @torch.library.custom_op(
     "moe_prune::record_routing",
-    mutates_args=("counts", "prob_sum", "gate_sum", "transitions", "tokens", "last_ids"),
+    mutates_args=(
+        "counts", "prob_sum", "gate_sum", "transitions", "tokens", "last_ids",
+        "sample_ids", "sample_probs", "sample_rows", "sample_count",
+    ),
 )
 def record_routing(
     hidden: torch.Tensor,
@@ -55,6 +66,11 @@ def record_routing(
     transitions: torch.Tensor,
     tokens: torch.Tensor,
     last_ids: torch.Tensor,
+    sample_rate: torch.Tensor,
+    sample_ids: torch.Tensor,
+    sample_probs: torch.Tensor,
+    sample_rows: torch.Tensor,
+    sample_count: torch.Tensor,
     slot: int,
     top_k: int,
     renormalise: bool,
@@ -64,7 +80,8 @@ def record_routing(
     num_experts = router.shape[0]
     weight = _padding_mask(num_tokens, hidden.device) & active.bool()
     logits = hidden.float() @ router.float().t()
-    prob_sum[slot] += (logits.softmax(dim=-1) * weight[:, None]).sum(dim=0).double()
+    probs = logits.softmax(dim=-1)
+    prob_sum[slot] += (probs * weight[:, None]).sum(dim=0).double()
     gates, local = logits[:, kept].softmax(dim=-1).topk(top_k, dim=-1)
     if renormalise:
         gates = gates / gates.sum(dim=-1, keepdim=True)
@@ -77,10 +94,21 @@ def record_routing(
     else:
         tokens += weight.long().sum()
     last_ids[:num_tokens] = ids
+    capacity = sample_ids.shape[0] - 1  # the last row takes the writes of unsampled tokens
+    if capacity > 0:
+        if slot == 0:
+            chosen = weight & (torch.rand(num_tokens, device=hidden.device) < sample_rate)
+            ring = (sample_count + chosen.long().cumsum(0) - 1) % capacity
+            sample_rows[:num_tokens] = torch.where(chosen, ring, capacity)
+            sample_count += chosen.long().sum()
+        rows = sample_rows[:num_tokens]
+        sample_ids[rows, slot] = ids.to(sample_ids.dtype)
+        sample_probs[rows, slot] = probs.gather(1, ids)
 
 
 @record_routing.register_fake
-def _(hidden, router, kept, active, counts, prob_sum, gate_sum, transitions, tokens, last_ids, slot, top_k, renormalise):
+def _(hidden, router, kept, active, counts, prob_sum, gate_sum, transitions, tokens, last_ids,
+      sample_rate, sample_ids, sample_probs, sample_rows, sample_count, slot, top_k, renormalise):
     return None
 
 
@@ -91,7 +119,9 @@ class RoutingRecorder(nn.Module):
     at construction, so the compiled graph and CUDA graphs capture their addresses once.
     """
 
-    def __init__(self, moe_layers: list[int], num_experts: int, top_k: int, max_tokens: int) -> None:
+    def __init__(
+        self, moe_layers: list[int], num_experts: int, top_k: int, max_tokens: int, sample_capacity: int = 0
+    ) -> None:
         super().__init__()
         self.moe_layers = tuple(moe_layers)
         self.num_experts = num_experts
@@ -108,19 +138,55 @@ class RoutingRecorder(nn.Module):
             persistent=False,
         )
         self.register_buffer("last_ids", torch.zeros(max_tokens, top_k, dtype=torch.int64), persistent=False)
+        # Sampling ring: ``sample_capacity`` rows plus one scratch row (see record_routing).
+        self.register_buffer("sample_rate", torch.zeros(1, dtype=torch.float32), persistent=False)
+        self.register_buffer(
+            "sample_ids", torch.zeros(sample_capacity + 1, num_layers, top_k, dtype=torch.int32), persistent=False
+        )
+        self.register_buffer(
+            "sample_probs", torch.zeros(sample_capacity + 1, num_layers, top_k, dtype=torch.float32), persistent=False
+        )
+        self.register_buffer(
+            "sample_rows", torch.zeros(max_tokens if sample_capacity else 1, dtype=torch.int64), persistent=False
+        )
+        self.register_buffer("sample_count", torch.zeros(1, dtype=torch.int64), persistent=False)
 
     def record(self, hidden: torch.Tensor, router: torch.Tensor, kept: torch.Tensor, slot: int, renormalise: bool) -> None:
         torch.ops.moe_prune.record_routing(
             hidden, router, kept, self.active, self.counts, self.prob_sum, self.gate_sum,
-            self.transitions, self.tokens, self.last_ids, slot, self.top_k, renormalise,
+            self.transitions, self.tokens, self.last_ids, self.sample_rate, self.sample_ids,
+            self.sample_probs, self.sample_rows, self.sample_count, slot, self.top_k, renormalise,
         )
+
+    @property
+    def sample_capacity(self) -> int:
+        return self.sample_ids.shape[0] - 1
 
     def set_active(self, on: bool) -> None:
         self.active.fill_(int(on))
 
+    def set_sample_rate(self, rate: float) -> None:
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"sample rate must be in [0, 1], got {rate}")
+        if rate > 0 and self.sample_capacity == 0:
+            raise ValueError("sampling needs a sample capacity: start the server with VLLM_MOE_PRUNE_SAMPLE_CAPACITY set")
+        self.sample_rate.fill_(rate)
+
+    def _drain_samples(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Sampled rows, oldest first, and how many older samples the ring overwrote."""
+        count, capacity = int(self.sample_count.item()), self.sample_capacity
+        if count <= capacity:
+            order = torch.arange(count)
+        else:
+            start = count % capacity
+            order = torch.cat([torch.arange(start, capacity), torch.arange(start)])
+        ids, probs = self.sample_ids[order].cpu().clone(), self.sample_probs[order].cpu().clone()
+        self.sample_count.zero_()
+        return ids, probs, max(0, count - capacity)
+
     @torch.no_grad()
-    def drain(self) -> RoutingStats:
-        """Return the statistics gathered so far and zero the counters, in one step.
+    def drain(self) -> tuple[RoutingStats, dict[str, Any] | None]:
+        """Return the statistics (and samples) gathered so far and zero them, in one step.
 
         Called between forward passes (from the worker's RPC thread of control), so no
         token is counted twice or lost between two drains.
@@ -136,4 +202,7 @@ class RoutingRecorder(nn.Module):
         )
         for buffer in (self.tokens, self.counts, self.prob_sum, self.gate_sum, self.transitions):
             buffer.zero_()
-        return stats
+        if self.sample_capacity == 0:
+            return stats, None
+        ids, probs, dropped = self._drain_samples()
+        return stats, {"topk_ids": ids.tolist(), "topk_probs": probs.tolist(), "dropped": dropped}

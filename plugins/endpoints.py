@@ -25,6 +25,7 @@ from argparse import Namespace
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from vllm.logger import init_logger
@@ -32,8 +33,9 @@ from vllm.logger import init_logger
 from vllm_moe_prune.checkpoint import Checkpoint
 from vllm_moe_prune.plan import Plan
 from vllm_moe_prune.stats import RoutingStats
-from vllm_moe_prune.traces import FULL_VARIANT, ShardMeta, write_shard
+from vllm_moe_prune.traces import FULL_VARIANT, Samples, ShardMeta, write_shard
 
+from .offline import samples_from_rpc
 from .settings import TraceSettings
 
 logger = init_logger(__name__)
@@ -53,6 +55,7 @@ class TraceService:
         self.active = False
         self.window_start = time.time()
         self.pending: RoutingStats | None = None
+        self.pending_samples: list[Samples] = []
         self.tokens_traced = 0
         self.shards_written = 0
         self.shards_failed = 0
@@ -84,6 +87,7 @@ class TraceService:
         async with self._lock:
             await self._rpc("moe_prune_drain")
             self.pending = None
+            self.pending_samples = []
             self.window_start = time.time()
 
     async def flush(self) -> str | None:
@@ -91,11 +95,15 @@ class TraceService:
             return await self._flush_locked()
 
     async def _flush_locked(self, write: bool = True) -> str | None:
-        drained = RoutingStats.from_dict((await self._rpc("moe_prune_drain"))["stats"])
+        raw = await self._rpc("moe_prune_drain")
         if not write:
             return None
+        drained = RoutingStats.from_dict(raw["stats"])
         self.tokens_traced += drained.tokens
         self.pending = drained if self.pending is None else self.pending + drained
+        samples = samples_from_rpc(raw["samples"])
+        if samples is not None:
+            self.pending_samples.append(samples)
         if self.settings.trace_dir is None or self.pending.tokens == 0:
             return None
         end = time.time()
@@ -103,13 +111,20 @@ class TraceService:
             fingerprint=self.fingerprint, start=self.window_start, end=end, label=self.label,
             variant=self.plan.plan_id if self.plan else FULL_VARIANT, kept=self.plan.kept if self.plan else None,
         )
+        samples = None
+        if self.pending_samples:
+            samples = Samples(
+                topk_ids=torch.cat([s.topk_ids for s in self.pending_samples]),
+                topk_probs=torch.cat([s.topk_probs for s in self.pending_samples]),
+            )
         try:
-            path = await asyncio.to_thread(write_shard, self.settings.trace_dir, self.pending, meta)
+            path = await asyncio.to_thread(write_shard, self.settings.trace_dir, self.pending, meta, samples)
         except Exception:
             self.shards_failed += 1
             logger.exception("moe_prune: writing a trace shard failed; its statistics are kept for the next flush")
             return None
         self.pending = None
+        self.pending_samples = []
         self.window_start = end
         self.shards_written += 1
         self.last_shard = str(path)

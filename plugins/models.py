@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .capture import RoutingRecorder
+from .settings import SampleSettings
 from vllm_moe_prune.families import FAMILIES, MoEShape
 from vllm_moe_prune.remap import PrunedLayout
 from vllm_moe_prune.serving import CONFIG_COUNTS_KEY
@@ -137,10 +138,13 @@ def _make_pruned_class(model_type: str) -> type[nn.Module]:
 
             self.moe_prune_shape = shape
             self.moe_prune_counts = counts
+            sampling = SampleSettings.from_env()
             self.moe_prune_recorder = RoutingRecorder(
                 list(shape.moe_layers), shape.num_experts, shape.top_k,
-                vllm_config.scheduler_config.max_num_batched_tokens,
+                vllm_config.scheduler_config.max_num_batched_tokens, sampling.capacity,
             )
+            if sampling.capacity:
+                self.moe_prune_recorder.set_sample_rate(sampling.rate)
             for slot, layer in enumerate(shape.moe_layers):
                 decoder_layer = self.model.layers[layer]
                 if isinstance(decoder_layer, PPMissingLayer):

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from vllm_moe_prune.stats import RoutingStats
+from vllm_moe_prune.traces import Samples
 from vllm_moe_prune.serving import engine_args
 
 
@@ -39,27 +40,47 @@ def prompt_logprobs(llm: Any, prompts_token_ids: list[list[int]]) -> list[torch.
     return result
 
 
+def samples_from_rpc(raw: dict[str, Any] | None) -> Samples | None:
+    """The worker's sample lists as trace-format :class:`Samples` (None: none taken)."""
+    if not raw or not raw["topk_ids"]:
+        return None
+    return Samples(
+        topk_ids=torch.tensor(raw["topk_ids"], dtype=torch.int32),
+        topk_probs=torch.tensor(raw["topk_probs"], dtype=torch.float32),
+    )
+
+
 class TracingLLM:
     """``vllm.LLM`` plus the worker-extension calls of this plugin."""
 
-    def __init__(self, model: str | Path, plan: str | Path | None = None, **llm_kwargs: Any) -> None:
+    def __init__(
+        self, model: str | Path, plan: str | Path | None = None, sample_capacity: int = 0, **llm_kwargs: Any
+    ) -> None:
         from vllm import LLM
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        # Workers read it at model construction (settings.SampleSettings).
+        os.environ["VLLM_MOE_PRUNE_SAMPLE_CAPACITY"] = str(sample_capacity)
         self.args = engine_args(model, plan)
         self.llm = LLM(**self.args, **llm_kwargs)
 
     def set_tracing(self, on: bool) -> None:
         self.llm.collective_rpc("moe_prune_set_active", args=(on,))
 
-    def drain(self) -> tuple[RoutingStats, dict[str, Any]]:
-        """Statistics since the last drain, and the variant's load info.
+    def set_sample_rate(self, rate: float) -> None:
+        self.llm.collective_rpc("moe_prune_set_sample_rate", args=(rate,))
+
+    def drain(self, with_samples: bool = False) -> tuple:
+        """Statistics since the last drain and the variant's load info (and the samples).
 
         Tensor-parallel workers see the same tokens and route them identically, so the
         first worker's statistics are the engine's (adding them would count tokens twice).
         """
         first = self.llm.collective_rpc("moe_prune_drain")[0]
-        return RoutingStats.from_dict(first["stats"]), first["load_info"]
+        stats = RoutingStats.from_dict(first["stats"])
+        if not with_samples:
+            return stats, first["load_info"]
+        return stats, first["load_info"], samples_from_rpc(first["samples"])
 
     def status(self) -> dict[str, Any]:
         return self.llm.collective_rpc("moe_prune_status")[0]

@@ -8,7 +8,11 @@ One module reads them, so every setting is documented here and nowhere else:
   (after vLLM's warm-up, which is never counted);
 * ``VLLM_MOE_PRUNE_FLUSH_INTERVAL``: seconds between periodic flushes (default 60); a
   killed server loses at most this much traffic;
-* ``VLLM_MOE_PRUNE_TRACE_LABEL``: traffic label stored in every shard (default "default").
+* ``VLLM_MOE_PRUNE_TRACE_LABEL``: traffic label stored in every shard (default "default");
+* ``VLLM_MOE_PRUNE_SAMPLE_CAPACITY``: per-token samples held between two flushes (default
+  0: sampling off; the buffer is allocated at start-up, so it is fixed for the server's life);
+* ``VLLM_MOE_PRUNE_SAMPLE_RATE``: share of traced tokens sampled (default 0.01 when a
+  capacity is set).
 """
 
 from __future__ import annotations
@@ -50,3 +54,24 @@ class TraceSettings:
             flush_interval=interval,
             label=os.environ.get("VLLM_MOE_PRUNE_TRACE_LABEL", "default") or "default",
         )
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    capacity: int
+    rate: float
+
+    @classmethod
+    def from_env(cls) -> "SampleSettings":
+        raw_capacity = os.environ.get("VLLM_MOE_PRUNE_SAMPLE_CAPACITY", "0")
+        raw_rate = os.environ.get("VLLM_MOE_PRUNE_SAMPLE_RATE", "0.01")
+        try:
+            capacity, rate = int(raw_capacity), float(raw_rate)
+        except ValueError:
+            raise SettingsError(
+                f"VLLM_MOE_PRUNE_SAMPLE_CAPACITY={raw_capacity!r} / VLLM_MOE_PRUNE_SAMPLE_RATE={raw_rate!r}: "
+                "expected an integer and a number"
+            ) from None
+        if capacity < 0 or not 0.0 <= rate <= 1.0:
+            raise SettingsError("VLLM_MOE_PRUNE_SAMPLE_CAPACITY must be >= 0 and VLLM_MOE_PRUNE_SAMPLE_RATE in [0, 1]")
+        return cls(capacity, rate if capacity else 0.0)

@@ -35,10 +35,18 @@ class MoePruneWorkerExtension:
         return on
 
     def moe_prune_drain(self) -> dict[str, Any]:
-        """Statistics since the last drain (original expert ids, ``RoutingStats.to_dict``); zeroes them."""
+        """Statistics and samples since the last drain, in original expert ids; zeroes them.
+
+        ``samples`` is None without a sample capacity, else ``{"topk_ids", "topk_probs",
+        "dropped"}`` (oldest first; ``dropped`` counts samples the full ring overwrote).
+        """
         model = self._moe_prune_model()
-        stats = model.moe_prune_recorder.drain()
-        return {"stats": stats.to_dict(), "load_info": getattr(model, "moe_prune_load_info", {})}
+        stats, samples = model.moe_prune_recorder.drain()
+        return {"stats": stats.to_dict(), "samples": samples, "load_info": getattr(model, "moe_prune_load_info", {})}
+
+    def moe_prune_set_sample_rate(self, rate: float) -> float:
+        self._moe_prune_model().moe_prune_recorder.set_sample_rate(rate)
+        return rate
 
     def moe_prune_status(self) -> dict[str, Any]:
         model = self._moe_prune_model()

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.engine
 def engine(testbed):
     from vllm_moe_prune_plugins.offline import TracingLLM
 
-    with TracingLLM(testbed, **ENGINE_KWARGS) as llm:
+    with TracingLLM(testbed, sample_capacity=4096, **ENGINE_KWARGS) as llm:
         yield llm
 
 
@@ -76,3 +76,31 @@ def test_tracing_off_counts_nothing(engine, testbed):
     _generate(engine, domain_prompts(testbed, tokenizer, per_domain=1), max_tokens=4)
     stats, _ = engine.drain()
     assert stats.tokens == 0 and int(stats.counts.sum()) == 0
+
+
+def test_sampling_records_every_token_routing_at_rate_one(engine, testbed):
+    """With rate 1 every traced token is sampled: its per-layer top-k equals transformers'."""
+    model = load_float32(testbed)
+    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(testbed)
+    prompts = domain_prompts(testbed, tokenizer, per_domain=1, max_tokens=30)
+    engine.set_sample_rate(1.0)
+    engine.set_tracing(True)
+    sequences = _generate(engine, prompts, max_tokens=4)
+    engine.set_tracing(False)
+    engine.set_sample_rate(0.0)
+    stats, _, samples = engine.drain(with_samples=True)
+    assert samples is not None and len(samples) == stats.tokens == sum(len(s) - 1 for s in sequences)
+    # Sampled ids reproduce the counters exactly.
+    for slot in range(stats.num_layers):
+        hist = torch.bincount(samples.topk_ids[:, slot].flatten().long(), minlength=stats.num_experts)
+        assert torch.equal(hist, stats.counts[slot])
+    # The multiset of per-token routings equals transformers' (order depends on batching).
+    want = []
+    with torch.no_grad():
+        for seq in sequences:
+            out = model(torch.tensor([seq[:-1]]), output_router_logits=True)
+            per_layer = [lg.float().topk(stats.top_k, dim=-1).indices.sort(dim=-1).values for lg in out.router_logits]
+            want += [tuple(tuple(layer[t].tolist()) for layer in per_layer) for t in range(len(seq) - 1)]
+    got = [tuple(tuple(sorted(row)) for row in token.tolist()) for token in samples.topk_ids]
+    assert sorted(got) == sorted(want)
+    assert bool((samples.topk_probs > 0).all()) and bool((samples.topk_probs <= 1).all())

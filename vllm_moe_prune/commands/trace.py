@@ -8,6 +8,7 @@ import time
 
 from vllm_moe_prune.calibration import read_prompts, tokenize
 from vllm_moe_prune.checkpoint import Checkpoint
+from vllm_moe_prune.errors import UserError
 from vllm_moe_prune.plan import Plan
 from vllm_moe_prune.traces import FULL_VARIANT, ShardMeta, write_shard
 
@@ -40,6 +41,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens generated per prompt (default 32)")
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--dtype", default="auto", help="vLLM dtype (default: the checkpoint's)")
+    parser.add_argument("--sample-rate", type=float, default=0.0,
+                        help="also store per-token top-k ids and probabilities of this share of tokens (0..1)")
+    parser.add_argument("--sample-capacity", type=int, default=65536, help="most samples kept (default 65536)")
     parser.add_argument("--enforce-eager", action="store_true", help="skip torch.compile (faster start, slower run)")
     parser.set_defaults(run=run)
 
@@ -55,23 +59,29 @@ def run(args: argparse.Namespace) -> int:
     if plan is not None:
         plan.validate_for(ckpt)
     prompts = read_prompts(args.prompts)
+    if not 0.0 <= args.sample_rate <= 1.0:
+        raise UserError(f"--sample-rate {args.sample_rate}: must be between 0 and 1")
     engine = TracingLLM(
-        args.model, args.plan, dtype=args.dtype, max_model_len=args.max_model_len,
-        enforce_eager=args.enforce_eager, seed=0,
+        args.model, args.plan, sample_capacity=args.sample_capacity if args.sample_rate else 0,
+        dtype=args.dtype, max_model_len=args.max_model_len, enforce_eager=args.enforce_eager, seed=0,
     )
     tokenizer = engine.llm.get_tokenizer()
     inputs = [TokensPrompt(prompt_token_ids=tokenize(p, tokenizer)[: args.max_model_len - args.max_tokens]) for p in prompts]
     engine.drain()
+    if args.sample_rate:
+        engine.set_sample_rate(args.sample_rate)
     engine.set_tracing(True)
     start = time.time()
     engine.generate(inputs, SamplingParams(max_tokens=args.max_tokens, temperature=0))
     end = time.time()
     engine.set_tracing(False)
-    stats, _ = engine.drain()
+    stats, _, samples = engine.drain(with_samples=True)
+    engine.close()
     meta = ShardMeta(
         fingerprint=ckpt.fingerprint, start=start, end=end, label=args.label,
         variant=plan.plan_id if plan else FULL_VARIANT, kept=plan.kept if plan else None,
     )
-    path = write_shard(args.out, stats, meta)
-    print(f"traced {stats.tokens} tokens of {len(prompts)} prompts -> {path}")
+    path = write_shard(args.out, stats, meta, samples)
+    sampled = f", {len(samples)} sampled" if samples is not None else ""
+    print(f"traced {stats.tokens} tokens{sampled} of {len(prompts)} prompts -> {path}")
     return 0
