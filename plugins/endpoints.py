@@ -35,8 +35,9 @@ from vllm_moe_prune.plan import Plan
 from vllm_moe_prune.stats import RoutingStats
 from vllm_moe_prune.traces import FULL_VARIANT, Samples, ShardMeta, write_shard
 
+from .metrics import ServerMetrics
 from .offline import samples_from_rpc
-from .settings import TraceSettings
+from .settings import MetricsSettings, TraceSettings
 
 logger = init_logger(__name__)
 
@@ -46,11 +47,14 @@ _LABEL = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 class TraceService:
     """Capture control and periodic flushing for one API server."""
 
-    def __init__(self, engine_client: Any, settings: TraceSettings, fingerprint: str, plan: Plan | None) -> None:
+    def __init__(
+        self, engine_client: Any, settings: TraceSettings, fingerprint: str, plan: Plan | None, metrics: ServerMetrics
+    ) -> None:
         self.engine = engine_client
         self.settings = settings
         self.fingerprint = fingerprint
         self.plan = plan
+        self.metrics = metrics
         self.label = settings.label
         self.active = False
         self.window_start = time.time()
@@ -121,12 +125,14 @@ class TraceService:
             path = await asyncio.to_thread(write_shard, self.settings.trace_dir, self.pending, meta, samples)
         except Exception:
             self.shards_failed += 1
+            self.metrics.shard_failed()
             logger.exception("moe_prune: writing a trace shard failed; its statistics are kept for the next flush")
             return None
         self.pending = None
         self.pending_samples = []
         self.window_start = end
         self.shards_written += 1
+        self.metrics.shard_written()
         self.last_shard = str(path)
         return self.last_shard
 
@@ -249,10 +255,13 @@ class MoePruneEndpoints:
         settings = TraceSettings.from_env()
         if settings.trace_dir is not None:
             Path(settings.trace_dir).mkdir(parents=True, exist_ok=True)
-        svc = TraceService(engine_client, settings, Checkpoint.open(args.model).fingerprint, _plan_of(args))
+        ckpt, plan = Checkpoint.open(args.model), _plan_of(args)
+        metrics = ServerMetrics(engine_client, ckpt, plan, MetricsSettings.from_env())
+        svc = TraceService(engine_client, settings, ckpt.fingerprint, plan, metrics)
         state.moe_prune = svc
         if settings.on_boot:
             await svc.start()
+        await metrics.start()
         # Keep a reference: the event loop holds tasks only weakly.
         svc.flush_task = asyncio.create_task(svc.run_periodic_flush())
         logger.info("moe_prune: tracing %s, flushing every %.0f s into %s",

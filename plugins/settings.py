@@ -12,7 +12,12 @@ One module reads them, so every setting is documented here and nowhere else:
 * ``VLLM_MOE_PRUNE_SAMPLE_CAPACITY``: per-token samples held between two flushes (default
   0: sampling off; the buffer is allocated at start-up, so it is fixed for the server's life);
 * ``VLLM_MOE_PRUNE_SAMPLE_RATE``: share of traced tokens sampled (default 0.01 when a
-  capacity is set).
+  capacity is set);
+* ``VLLM_MOE_PRUNE_METRICS_INTERVAL``: seconds between refreshes of the routing series on
+  ``/metrics`` (default 10; each refresh is one small RPC to the engine);
+* ``VLLM_MOE_PRUNE_METRICS_PER_EXPERT``: ``1`` to also export per-expert series (layers x
+  experts of them; off by default, like upstream vLLM keeps per-expert detail opt-in for
+  cardinality).
 """
 
 from __future__ import annotations
@@ -32,6 +37,17 @@ def _flag(name: str) -> bool:
     return value in {"1", "true", "yes"}
 
 
+def _seconds(name: str, default: str) -> float:
+    raw = os.environ.get(name, default)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number of seconds") from None
+    if not value > 0:
+        raise SettingsError(f"{name}={raw!r} must be positive")
+    return value
+
+
 @dataclass(frozen=True)
 class TraceSettings:
     trace_dir: str | None
@@ -41,17 +57,10 @@ class TraceSettings:
 
     @classmethod
     def from_env(cls) -> "TraceSettings":
-        raw = os.environ.get("VLLM_MOE_PRUNE_FLUSH_INTERVAL", "60")
-        try:
-            interval = float(raw)
-        except ValueError:
-            raise SettingsError(f"VLLM_MOE_PRUNE_FLUSH_INTERVAL={raw!r} is not a number of seconds") from None
-        if not interval > 0:
-            raise SettingsError(f"VLLM_MOE_PRUNE_FLUSH_INTERVAL={raw!r} must be positive")
         return cls(
             trace_dir=os.environ.get("VLLM_MOE_PRUNE_TRACE_DIR") or None,
             on_boot=_flag("VLLM_MOE_PRUNE_TRACE_ON_BOOT"),
-            flush_interval=interval,
+            flush_interval=_seconds("VLLM_MOE_PRUNE_FLUSH_INTERVAL", "60"),
             label=os.environ.get("VLLM_MOE_PRUNE_TRACE_LABEL", "default") or "default",
         )
 
@@ -75,3 +84,16 @@ class SampleSettings:
         if capacity < 0 or not 0.0 <= rate <= 1.0:
             raise SettingsError("VLLM_MOE_PRUNE_SAMPLE_CAPACITY must be >= 0 and VLLM_MOE_PRUNE_SAMPLE_RATE in [0, 1]")
         return cls(capacity, rate if capacity else 0.0)
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    refresh_interval: float
+    per_expert: bool
+
+    @classmethod
+    def from_env(cls) -> "MetricsSettings":
+        return cls(
+            refresh_interval=_seconds("VLLM_MOE_PRUNE_METRICS_INTERVAL", "10"),
+            per_expert=_flag("VLLM_MOE_PRUNE_METRICS_PER_EXPERT"),
+        )

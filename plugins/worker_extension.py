@@ -1,15 +1,18 @@
 """Methods vLLM adds to every worker (``--worker-extension-cls``), reached by ``collective_rpc``.
 
-They are the only way into the capture buffers of a running engine: the HTTP endpoints
-and the offline ``trace`` command call them. Results are plain dicts of tensors and
+They are the only way into the capture buffers of a running engine: the HTTP endpoints,
+the ``/metrics`` series (metrics.py) and the offline ``trace`` command call them. Results are plain dicts of tensors and
 numbers so that they cross vLLM's process boundary with its own serialiser.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from vllm_moe_prune.stats import RoutingStats
 
 
 def expert_weight_bytes(block: torch.nn.Module) -> int:
@@ -19,6 +22,26 @@ def expert_weight_bytes(block: torch.nn.Module) -> int:
         for name, p in block.named_parameters()
         if name.endswith(("w13_weight", "w2_weight"))
     )
+
+
+@dataclass
+class DrainedTotals:
+    """Sum of every batch drained from this worker since it started.
+
+    Drains reset the capture buffers (trace flushes, from any API server); keeping their
+    sum here lets :meth:`MoePruneWorkerExtension.moe_prune_peek` report cumulative,
+    monotonic totals that no drain disturbs. Transitions are left out: metrics never read
+    them, and they are the one ``[L, E, E]`` tensor.
+    """
+
+    tokens: int
+    counts: torch.Tensor
+    prob_sum: torch.Tensor
+
+    def add(self, stats: RoutingStats) -> None:
+        self.tokens += stats.tokens
+        self.counts += stats.counts
+        self.prob_sum += stats.prob_sum
 
 
 class MoePruneWorkerExtension:
@@ -41,8 +64,38 @@ class MoePruneWorkerExtension:
         "dropped"}`` (oldest first; ``dropped`` counts samples the full ring overwrote).
         """
         model = self._moe_prune_model()
+        totals = self._moe_prune_totals()
         stats, samples = model.moe_prune_recorder.drain()
+        totals.add(stats)
         return {"stats": stats.to_dict(), "samples": samples, "load_info": getattr(model, "moe_prune_load_info", {})}
+
+    def _moe_prune_totals(self) -> DrainedTotals:
+        totals = getattr(self, "_moe_prune_drained", None)
+        if totals is None:
+            recorder = self._moe_prune_model().moe_prune_recorder
+            totals = DrainedTotals(
+                0, torch.zeros_like(recorder.counts, device="cpu"), torch.zeros_like(recorder.prob_sum, device="cpu")
+            )
+            self._moe_prune_drained = totals
+        return totals
+
+    @torch.no_grad()
+    def moe_prune_peek(self) -> dict[str, Any]:
+        """Routing traced since the engine started (every drain plus the buffers); resets nothing.
+
+        The values only grow, whoever drains in between, so the metrics reader turns the
+        difference between two peeks into counter increments: no token is counted twice
+        or lost, and trace flushes keep their own drain cycle. ``counts`` and
+        ``prob_sum`` are ``[moe layer][original expert]`` lists.
+        """
+        recorder = self._moe_prune_model().moe_prune_recorder
+        totals = self._moe_prune_totals()
+        return {
+            "active": bool(recorder.active.item()),
+            "tokens": totals.tokens + int(recorder.tokens.item()),
+            "counts": (totals.counts + recorder.counts.cpu()).tolist(),
+            "prob_sum": (totals.prob_sum + recorder.prob_sum.cpu()).tolist(),
+        }
 
     def moe_prune_set_sample_rate(self, rate: float) -> float:
         self._moe_prune_model().moe_prune_recorder.set_sample_rate(rate)

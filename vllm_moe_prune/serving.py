@@ -20,8 +20,9 @@ WORKER_EXTENSION = "vllm_moe_prune_plugins.worker_extension.MoePruneWorkerExtens
 CONFIG_COUNTS_KEY = "moe_prune_experts_per_layer"
 CONFIG_PLAN_KEY = "moe_prune_plan_id"
 #: vLLM loads HTTP endpoint plugins only when ``VLLM_PLUGINS`` names them, and then
-#: loads no unnamed plugin at all: the server needs both of ours named.
-SERVER_ENV = {"VLLM_PLUGINS": "moe_prune,moe_prune_endpoints"}
+#: loads no unnamed plugin at all: the server needs all of ours named (model classes and
+#: loader, HTTP endpoints, the per-variant latency stat logger).
+SERVER_ENV = {"VLLM_PLUGINS": "moe_prune,moe_prune_endpoints,moe_prune_metrics"}
 
 
 def engine_args(model: str | Path, plan_path: str | Path | None = None) -> dict[str, Any]:
