@@ -16,11 +16,11 @@ from vllm_moe_prune.calibration import (
     StreamedModel,
     load_calibration,
     read_manifest,
-    read_prompts,
     run_calibration,
     select_sequences,
 )
 from vllm_moe_prune.checkpoint import Checkpoint
+from vllm_moe_prune.prompts import PromptError, read_prompts
 from vllm_moe_prune.cli import main
 from vllm_moe_prune.errors import UserError
 from vllm_moe_prune.signals import moe_output
@@ -185,7 +185,7 @@ def test_selection_is_seeded_and_chat_prompts_use_the_template(tiny_root, prompt
 def test_bad_prompt_files_are_refused_with_their_line(tmp_path, content, message):
     path = tmp_path / "prompts.jsonl"
     path.write_text(content)
-    with pytest.raises(CalibrationError, match=message):
+    with pytest.raises(PromptError, match=message):
         read_prompts(path)
 
 

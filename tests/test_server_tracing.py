@@ -93,6 +93,23 @@ def test_stop_and_start_with_label(server):
     assert traces.labels["python"] == expected
 
 
+def test_replay_command_traces_a_request_log(server, tmp_path):
+    import subprocess
+    import sys
+
+    prompts = _prompts(10, seed=6)
+    log = tmp_path / "requests.jsonl"
+    log.write_text("".join(json.dumps({"prompt": p, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}) + "\n"
+                           for p in prompts))
+    before = load_traces(server.trace_dir).tokens
+    out = subprocess.run([sys.executable, "-m", "vllm_moe_prune.cli", "replay", "--url", server.url, "--requests",
+                          str(log), "--label", "replayed"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "replayed 10 of 10 requests" in out.stdout
+    traces = load_traces(server.trace_dir)
+    assert traces.tokens - before == traces.labels["replayed"] == sum(len(p) + MAX_TOKENS - 1 for p in prompts)
+
+
 def test_killed_server_loses_at_most_the_last_flush_interval(server):
     """Runs last: it kills the server with SIGKILL after a periodic flush."""
     before = load_traces(server.trace_dir).tokens

@@ -48,6 +48,7 @@ from vllm_moe_prune.atomic import atomic_directory
 from vllm_moe_prune.checkpoint import Checkpoint, CheckpointError
 from vllm_moe_prune.errors import UserError
 from vllm_moe_prune.families import UnsupportedModelError
+from vllm_moe_prune.prompts import Prompt, read_prompts, tokenize
 from vllm_moe_prune.signals import CalibrationSignals, LayerSignals
 
 logger = logging.getLogger(__name__)
@@ -71,84 +72,6 @@ class CalibrationError(UserError):
 
 def layer_file(layer: int) -> str:
     return f"layer_{layer:03d}.safetensors"
-
-
-# --------------------------------------------------------------------------- prompts
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """One calibration prompt: its line in the prompts file and its text or chat messages."""
-
-    line: int
-    text: str | None = None
-    messages: list[dict[str, Any]] | None = None
-
-
-def read_prompts(path: str | Path) -> list[Prompt]:
-    """Prompts of a JSONL file: objects with ``"prompt"``, ``"text"`` or OpenAI-style ``"messages"``.
-
-    Blank lines are skipped; anything else that is not such an object is refused with
-    its line number, because silently calibrating on part of a file skews every plan.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CalibrationError(f"prompts file {path} does not exist")
-    try:
-        lines = path.read_bytes().decode("utf-8").split("\n")  # not splitlines(): JSON may hold U+2028
-    except UnicodeDecodeError as exc:
-        raise CalibrationError(f"{path} is not UTF-8 text ({exc})") from exc
-    prompts = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CalibrationError(f"{where}: not valid JSON ({exc.msg})") from exc
-        if not isinstance(obj, dict):
-            raise CalibrationError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-        prompts.append(_prompt_of(obj, number, where))
-    if not prompts:
-        raise CalibrationError(f"{path} contains no prompts")
-    return prompts
-
-
-def _prompt_of(obj: dict[str, Any], number: int, where: str) -> Prompt:
-    for key in ("prompt", "text"):
-        if key in obj:
-            if not isinstance(obj[key], str) or not obj[key]:
-                raise CalibrationError(f"{where}: '{key}' must be a non-empty string")
-            return Prompt(number, text=obj[key])
-    if "messages" in obj:
-        messages = obj["messages"]
-        valid = isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages
-        )
-        if not valid:
-            raise CalibrationError(f"{where}: 'messages' must be a non-empty list of {{role, content}} strings")
-        return Prompt(number, messages=messages)
-    raise CalibrationError(f"{where}: expected a 'prompt', 'text' or 'messages' field, got {sorted(obj)}")
-
-
-def tokenize(prompt: Prompt, tokenizer: Any) -> list[int]:
-    """Token ids as vLLM would serve the prompt.
-
-    Plain text gets the tokenizer's special tokens (vLLM's completions default); chat
-    messages are rendered with the model's chat template, which places its own specials,
-    with a generation prompt unless the conversation already ends with the assistant.
-    """
-    if prompt.text is not None:
-        return list(tokenizer(prompt.text, add_special_tokens=True)["input_ids"])
-    if not getattr(tokenizer, "chat_template", None):
-        raise CalibrationError(f"prompts line {prompt.line}: chat 'messages' need a chat template; the model has none")
-    assert prompt.messages is not None
-    rendered = tokenizer.apply_chat_template(
-        prompt.messages, tokenize=False, add_generation_prompt=prompt.messages[-1]["role"] != "assistant"
-    )
-    return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
 
 
 def select_sequences(

@@ -16,13 +16,14 @@ import sys
 from vllm_moe_prune.errors import UserError
 
 #: Subcommands in the order of the data flow: traffic -> traces -> plan -> variant.
-COMMANDS = ("trace", "calibrate", "plan", "inspect", "serve-args", "export", "demo")
+COMMANDS = ("trace", "replay", "calibrate", "plan", "inspect", "serve-args", "export", "demo")
 
 DESCRIPTION = """\
 Turn live vLLM traffic into a smaller Mixture-of-Experts model and serve it.
 
 The loop, one way:
   trace       run prompts through vLLM with routing capture on -> trace shards
+  replay      send a request log to a running traced server -> trace shards
   calibrate   a small pass that records expert outputs (methods that need them)
   plan        pick the experts to keep under a memory budget -> plan.yaml
   inspect     what a plan keeps, its bytes, the share of traced routing it covers

@@ -6,7 +6,7 @@ import argparse
 import logging
 import time
 
-from vllm_moe_prune.calibration import read_prompts, tokenize
+from vllm_moe_prune.prompts import read_prompts, tokenize
 from vllm_moe_prune.checkpoint import Checkpoint
 from vllm_moe_prune.errors import UserError
 from vllm_moe_prune.plan import Plan
