@@ -2,10 +2,9 @@
 
 Python hooks installed after vLLM compiles the model never run (torch.compile on CPU,
 CUDA-graph replay on GPU). So the statistics live in tensors registered on the model at
-construction (:class:`RoutingRecorder`) and are updated by one custom op per MoE layer,
-``moe_prune::record_routing``, which torch.compile treats as opaque and which does only
-tensor work (no data-dependent Python), so a replayed CUDA graph updates the same
-buffers.
+construction (:class:`RoutingRecorder`) and are updated by plain tensor operations in
+each MoE block's forward (no data-dependent Python), which torch.compile traces into the
+model's graph and fuses, and which a replayed CUDA graph repeats on the same buffers.
 
 What is recorded per MoE layer (see :class:`vllm_moe_prune.stats.RoutingStats`), always
 in ORIGINAL expert ids, also on a pruned variant:
@@ -37,79 +36,29 @@ from torch import nn
 from vllm_moe_prune.stats import RoutingStats
 
 
-def _padding_mask(num_tokens: int, device: torch.device) -> torch.Tensor:
-    """``[T]`` bool, True for real tokens, read from vLLM's forward context at run time."""
+@torch.library.custom_op("moe_prune::token_weights", mutates_args=())
+def token_weights(hidden: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """``[T]`` int64: 1 for a real token while recording is on, 0 for padding or when off.
+
+    vLLM's padding mask lives in its forward context, which a compiled graph cannot read
+    (Dynamo would freeze it at trace time); this opaque op reads it at run time, once per
+    forward pass. It slices vLLM's persistent ``is_padding`` buffer, so a replayed CUDA
+    graph reads the current mask too.
+    """
     from vllm.forward_context import get_forward_context, is_forward_context_available
 
+    num_tokens = hidden.shape[0]
+    real = torch.ones(num_tokens, dtype=torch.bool, device=hidden.device)
     if is_forward_context_available():
         is_padding = get_forward_context().is_padding
         if is_padding is not None:
-            return ~is_padding[:num_tokens].to(device)
-    return torch.ones(num_tokens, dtype=torch.bool, device=device)
+            real = ~is_padding[:num_tokens].to(hidden.device)
+    return (real & active.bool()).long()
 
 
-@torch.library.custom_op(
-    "moe_prune::record_routing",
-    mutates_args=(
-        "counts", "prob_sum", "gate_sum", "transitions", "tokens", "last_ids",
-        "sample_ids", "sample_probs", "sample_rows", "sample_count",
-    ),
-)
-def record_routing(
-    hidden: torch.Tensor,
-    router: torch.Tensor,
-    kept: torch.Tensor,
-    active: torch.Tensor,
-    counts: torch.Tensor,
-    prob_sum: torch.Tensor,
-    gate_sum: torch.Tensor,
-    transitions: torch.Tensor,
-    tokens: torch.Tensor,
-    last_ids: torch.Tensor,
-    sample_rate: torch.Tensor,
-    sample_ids: torch.Tensor,
-    sample_probs: torch.Tensor,
-    sample_rows: torch.Tensor,
-    sample_count: torch.Tensor,
-    slot: int,
-    top_k: int,
-    renormalise: bool,
-) -> None:
-    """Add one MoE layer's routing of ``hidden [T, H]`` to the statistics at ``slot``."""
-    num_tokens = hidden.shape[0]
-    num_experts = router.shape[0]
-    weight = _padding_mask(num_tokens, hidden.device) & active.bool()
-    logits = hidden.float() @ router.float().t()
-    probs = logits.softmax(dim=-1)
-    prob_sum[slot] += (probs * weight[:, None]).sum(dim=0).double()
-    gates, local = logits[:, kept].softmax(dim=-1).topk(top_k, dim=-1)
-    if renormalise:
-        gates = gates / gates.sum(dim=-1, keepdim=True)
-    ids = kept[local]
-    counts[slot].index_add_(0, ids.flatten(), weight.long().repeat_interleave(top_k))
-    gate_sum[slot].index_add_(0, ids.flatten(), (gates * weight[:, None]).flatten().double())
-    if slot > 0:
-        pairs = last_ids[:num_tokens, :, None] * num_experts + ids[:, None, :]
-        transitions[slot - 1].view(-1).index_add_(0, pairs.flatten(), weight.long().repeat_interleave(top_k * top_k))
-    else:
-        tokens += weight.long().sum()
-    last_ids[:num_tokens] = ids
-    capacity = sample_ids.shape[0] - 1  # the last row takes the writes of unsampled tokens
-    if capacity > 0:
-        if slot == 0:
-            chosen = weight & (torch.rand(num_tokens, device=hidden.device) < sample_rate)
-            ring = (sample_count + chosen.long().cumsum(0) - 1) % capacity
-            sample_rows[:num_tokens] = torch.where(chosen, ring, capacity)
-            sample_count += chosen.long().sum()
-        rows = sample_rows[:num_tokens]
-        sample_ids[rows, slot] = ids.to(sample_ids.dtype)
-        sample_probs[rows, slot] = probs.gather(1, ids)
-
-
-@record_routing.register_fake
-def _(hidden, router, kept, active, counts, prob_sum, gate_sum, transitions, tokens, last_ids,
-      sample_rate, sample_ids, sample_probs, sample_rows, sample_count, slot, top_k, renormalise):
-    return None
+@token_weights.register_fake
+def _(hidden: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    return hidden.new_empty(hidden.shape[0], dtype=torch.int64)
 
 
 class RoutingRecorder(nn.Module):
@@ -138,7 +87,8 @@ class RoutingRecorder(nn.Module):
             persistent=False,
         )
         self.register_buffer("last_ids", torch.zeros(max_tokens, top_k, dtype=torch.int64), persistent=False)
-        # Sampling ring: ``sample_capacity`` rows plus one scratch row (see record_routing).
+        self.register_buffer("weights", torch.zeros(max_tokens, dtype=torch.int64), persistent=False)
+        # Sampling ring: ``sample_capacity`` rows plus one scratch row (see _sample).
         self.register_buffer("sample_rate", torch.zeros(1, dtype=torch.float32), persistent=False)
         self.register_buffer(
             "sample_ids", torch.zeros(sample_capacity + 1, num_layers, top_k, dtype=torch.int32), persistent=False
@@ -152,11 +102,47 @@ class RoutingRecorder(nn.Module):
         self.register_buffer("sample_count", torch.zeros(1, dtype=torch.int64), persistent=False)
 
     def record(self, hidden: torch.Tensor, router: torch.Tensor, kept: torch.Tensor, slot: int, renormalise: bool) -> None:
-        torch.ops.moe_prune.record_routing(
-            hidden, router, kept, self.active, self.counts, self.prob_sum, self.gate_sum,
-            self.transitions, self.tokens, self.last_ids, self.sample_rate, self.sample_ids,
-            self.sample_probs, self.sample_rows, self.sample_count, slot, self.top_k, renormalise,
-        )
+        """Add one MoE layer's routing of ``hidden [T, H]`` to the statistics at ``slot``.
+
+        Plain tensor code: it is traced into vLLM's compiled graph and fused there. The
+        first MoE layer of a forward pass fetches the token weights (the only opaque
+        call) and picks the sampled tokens; the later layers reuse both.
+        """
+        num_tokens = hidden.shape[0]
+        if slot == 0:
+            self.weights[:num_tokens] = torch.ops.moe_prune.token_weights(hidden, self.active)
+        weight = self.weights[:num_tokens]
+        logits = hidden.float() @ router.float().t()
+        probs = logits.softmax(dim=-1)
+        self.prob_sum[slot] += (probs * weight[:, None]).sum(dim=0).double()
+        gates, local = logits[:, kept].softmax(dim=-1).topk(self.top_k, dim=-1)
+        if renormalise:
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+        ids = kept[local]
+        self.counts[slot].index_add_(0, ids.flatten(), weight.repeat_interleave(self.top_k))
+        self.gate_sum[slot].index_add_(0, ids.flatten(), (gates * weight[:, None]).flatten().double())
+        if slot > 0:
+            pairs = self.last_ids[:num_tokens, :, None] * self.num_experts + ids[:, None, :]
+            self.transitions[slot - 1].view(-1).index_add_(
+                0, pairs.flatten(), weight.repeat_interleave(self.top_k * self.top_k)
+            )
+        else:
+            self.tokens += weight.sum()
+        self.last_ids[:num_tokens] = ids
+        if self.sample_capacity:
+            self._sample(ids, probs, slot, weight)
+
+    def _sample(self, ids: torch.Tensor, probs: torch.Tensor, slot: int, weight: torch.Tensor) -> None:
+        """Write the sampled tokens' routing into the ring; unsampled rows hit a scratch row."""
+        num_tokens, capacity = ids.shape[0], self.sample_capacity
+        if slot == 0:
+            chosen = weight.bool() & (torch.rand(num_tokens, device=ids.device) < self.sample_rate)
+            ring = (self.sample_count + chosen.long().cumsum(0) - 1) % capacity
+            self.sample_rows[:num_tokens] = torch.where(chosen, ring, capacity)
+            self.sample_count += chosen.long().sum()
+        rows = self.sample_rows[:num_tokens]
+        self.sample_ids[rows, slot] = ids.to(self.sample_ids.dtype)
+        self.sample_probs[rows, slot] = probs.gather(1, ids)
 
     @property
     def sample_capacity(self) -> int:
