@@ -68,11 +68,13 @@ def test_testbed_non_uniform_plan(testbed, tmp_path):
     assert float(stats.kept_mass(plan.kept).min()) < 1.0
 
 
+@pytest.mark.parametrize("uniform", [False, True], ids=["non-uniform", "uniform"])
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"])
-def test_family_non_uniform_plan(family, tiny_root, tmp_path):
+def test_family_plan(family, uniform, tiny_root, tmp_path):
     model_dir = tiny_checkpoint(family, tiny_root)
     ckpt = Checkpoint.open(model_dir)
-    counts = [ckpt.shape.num_experts - 1 - 2 * i for i in range(len(ckpt.shape.moe_layers))]
+    layers = range(len(ckpt.shape.moe_layers))
+    counts = [4 for _ in layers] if uniform else [ckpt.shape.num_experts - 1 - 2 * i for i in layers]
     make_plan(model_dir, counts, tmp_path / "plan.yaml", seed=1)
     rng = random.Random(0)
     prompts = [[rng.randrange(2, 400) for _ in range(n)] for n in (17, 40, 29)]

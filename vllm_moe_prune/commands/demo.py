@@ -113,6 +113,10 @@ def _markdown(rows: list[dict[str, Any]], budget: str, full_bytes: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
+    # vLLM reads its log level at import: keep the demo's own progress readable.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "DEBUG" if args.verbose else "WARNING")
     from transformers import AutoTokenizer
 
     from vllm_moe_prune.calibration import run_calibration
