@@ -22,6 +22,7 @@ import json
 import re
 import time
 from argparse import Namespace
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,6 @@ class TraceService:
         self.plan = plan
         self.metrics = metrics
         self.label = settings.label
-        self.active = False
         self.window_start = time.time()
         self.pending: RoutingStats | None = None
         self.pending_samples: list[Samples] = []
@@ -75,16 +75,16 @@ class TraceService:
             if label is not None and label != self.label:
                 await self._flush_locked()
                 self.label = label
-            if not self.active:
-                await self._flush_locked(write=False)  # nothing before "start" is kept
+            # The on/off switch lives in the engine, shared by every API server: only a
+            # switch from off to on discards what was buffered before it.
+            if not (await self._rpc("moe_prune_status"))["active"]:
+                await self._flush_locked(write=False)
                 await self._rpc("moe_prune_set_active", True)
-                self.active = True
                 self.window_start = time.time()
 
     async def stop(self) -> str | None:
         async with self._lock:
             await self._rpc("moe_prune_set_active", False)
-            self.active = False
             return await self._flush_locked()
 
     async def reset(self) -> None:
@@ -139,7 +139,7 @@ class TraceService:
     async def status(self) -> dict[str, Any]:
         worker = await self._rpc("moe_prune_status")
         return {
-            "active": self.active,
+            "active": worker["active"],
             "label": self.label,
             "trace_dir": self.settings.trace_dir,
             "flush_interval_s": self.settings.flush_interval,
@@ -185,6 +185,18 @@ async def _json_body(request: Request, allowed: set[str]) -> dict[str, Any]:
     return body
 
 
+class HTTPError(Exception):
+    """A refusal with its HTTP status, raised by a route handler."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
 class MoePruneEndpoints:
     """The ``vllm.endpoint_plugins`` entry: routes plus the per-server trace service."""
 
@@ -192,62 +204,52 @@ class MoePruneEndpoints:
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
-        def service(request: Request) -> TraceService:
-            svc = getattr(request.app.state, "moe_prune", None)
-            if svc is None:
-                raise RuntimeError("this server does not serve a model of the moe_prune plugin")
-            return svc
+        def route(method: str, path: str, fields: set[str] = frozenset()):
+            """Register ``handler(svc, body)``; bad requests and a missing service become a 400."""
 
-        def error(status: int, message: str) -> JSONResponse:
-            return JSONResponse({"error": message}, status_code=status)
+            def register(handler: Callable[[TraceService, dict[str, Any]], Awaitable[Any]]) -> None:
+                async def endpoint(request: Request) -> JSONResponse:
+                    svc = getattr(request.app.state, "moe_prune", None)
+                    if svc is None:
+                        return _error(400, "this server does not serve a model of the moe_prune plugin")
+                    try:
+                        body = await _json_body(request, set(fields))
+                        return JSONResponse(await handler(svc, body))
+                    except HTTPError as exc:
+                        return _error(exc.status, str(exc))
+                    except ValueError as exc:
+                        return _error(400, str(exc))
 
-        @app.post("/moe_prune/trace/start")
-        async def start(request: Request) -> JSONResponse:
-            try:
-                body = await _json_body(request, {"label"})
-                label = body.get("label")
-                if label is not None and (not isinstance(label, str) or not _LABEL.match(label)):
-                    raise ValueError("label must be 1-128 characters of letters, digits, '_', '.', ':' or '-'")
-                svc = service(request)
-            except (ValueError, RuntimeError) as exc:
-                return error(400, str(exc))
+                app.add_api_route(path, endpoint, methods=[method], name=f"moe_prune_{handler.__name__}")
+
+            return register
+
+        @route("POST", "/moe_prune/trace/start", {"label"})
+        async def start(svc: TraceService, body: dict[str, Any]) -> dict[str, Any]:
+            label = body.get("label")
+            if label is not None and (not isinstance(label, str) or not _LABEL.match(label)):
+                raise ValueError("label must be 1-128 characters of letters, digits, '_', '.', ':' or '-'")
             await svc.start(label)
-            return JSONResponse({"active": True, "label": svc.label})
+            return {"active": True, "label": svc.label}
 
-        @app.post("/moe_prune/trace/stop")
-        async def stop(request: Request) -> JSONResponse:
-            try:
-                svc = service(request)
-            except RuntimeError as exc:
-                return error(400, str(exc))
-            return JSONResponse({"active": False, "shard": await svc.stop()})
+        @route("POST", "/moe_prune/trace/stop")
+        async def stop(svc: TraceService, body: dict[str, Any]) -> dict[str, Any]:
+            return {"active": False, "shard": await svc.stop()}
 
-        @app.post("/moe_prune/trace/reset")
-        async def reset(request: Request) -> JSONResponse:
-            try:
-                svc = service(request)
-            except RuntimeError as exc:
-                return error(400, str(exc))
+        @route("POST", "/moe_prune/trace/reset")
+        async def reset(svc: TraceService, body: dict[str, Any]) -> dict[str, Any]:
             await svc.reset()
-            return JSONResponse({"reset": True})
+            return {"reset": True}
 
-        @app.post("/moe_prune/trace/dump")
-        async def dump(request: Request) -> JSONResponse:
-            try:
-                svc = service(request)
-            except RuntimeError as exc:
-                return error(400, str(exc))
+        @route("POST", "/moe_prune/trace/dump")
+        async def dump(svc: TraceService, body: dict[str, Any]) -> dict[str, Any]:
             if svc.settings.trace_dir is None:
-                return error(409, "no trace directory: start the server with VLLM_MOE_PRUNE_TRACE_DIR set")
-            return JSONResponse({"shard": await svc.flush()})
+                raise HTTPError(409, "no trace directory: start the server with VLLM_MOE_PRUNE_TRACE_DIR set")
+            return {"shard": await svc.flush()}
 
-        @app.get("/moe_prune/trace/status")
-        async def status(request: Request) -> JSONResponse:
-            try:
-                svc = service(request)
-            except RuntimeError as exc:
-                return error(400, str(exc))
-            return JSONResponse(await svc.status())
+        @route("GET", "/moe_prune/trace/status")
+        async def status(svc: TraceService, body: dict[str, Any]) -> dict[str, Any]:
+            return await svc.status()
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         if engine_client is None:
@@ -259,10 +261,13 @@ class MoePruneEndpoints:
         metrics = ServerMetrics(engine_client, ckpt, plan, MetricsSettings.from_env())
         svc = TraceService(engine_client, settings, ckpt.fingerprint, plan, metrics)
         state.moe_prune = svc
-        if settings.on_boot:
-            await svc.start()
+        # With several API servers (--api-server-count) one engine serves them all: the
+        # first switches tracing on and flushes periodically; any of them answers HTTP.
+        if metrics.leader:
+            if settings.on_boot:
+                await svc.start()
+            # Keep a reference: the event loop holds tasks only weakly.
+            svc.flush_task = asyncio.create_task(svc.run_periodic_flush())
         await metrics.start()
-        # Keep a reference: the event loop holds tasks only weakly.
-        svc.flush_task = asyncio.create_task(svc.run_periodic_flush())
         logger.info("moe_prune: tracing %s, flushing every %.0f s into %s",
                     "on" if settings.on_boot else "off", settings.flush_interval, settings.trace_dir)

@@ -18,7 +18,8 @@ Where the values come from, and why there:
   advance by the growth of the worker's cumulative ``moe_prune_peek`` between two
   refreshes: the peek adds every batch ever drained to the undrained buffers, so trace
   flushes (which drain and reset, from any API server, at any time) and metrics never
-  count a token twice or lose one.
+  count a token twice or lose one. Traffic discarded by ``POST /moe_prune/trace/reset``
+  was still served, so it stays counted here (the shards then hold less).
 * Each API server counts the trace shards it writes or fails to write; Prometheus'
   multiprocess collector sums counters and histograms over processes.
 * Latency comes from :class:`VariantLatencyLogger`, a ``vllm.stat_logger_plugins`` entry

@@ -1,8 +1,9 @@
 """Methods vLLM adds to every worker (``--worker-extension-cls``), reached by ``collective_rpc``.
 
 They are the only way into the capture buffers of a running engine: the HTTP endpoints,
-the ``/metrics`` series (metrics.py) and the offline ``trace`` command call them. Results are plain dicts of tensors and
-numbers so that they cross vLLM's process boundary with its own serialiser.
+the ``/metrics`` series (metrics.py) and the offline ``trace`` command call them. Results
+are plain dicts of tensors and numbers so that they cross vLLM's process boundary with
+its own serialiser.
 """
 
 from __future__ import annotations

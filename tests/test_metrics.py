@@ -43,8 +43,8 @@ KEPT_COUNTS = [12, 6, 9, 3]
 #: through ``vllm serve`` (per-expert series left at their default, off).
 MODES = {
     "single-process": {"entry": SINGLE_API_SERVER, "flags": [], "per_expert": True, "api_servers": 1},
-    "multi-process": {"entry": VLLM_SERVE, "flags": ["--api-server-count", "2"], "per_expert": False,
-                      "api_servers": 2},
+    "multi-process": {"entry": VLLM_SERVE, "flags": ["--api-server-count", "2", "--enable-log-requests"],
+                      "per_expert": False, "api_servers": 2},
 }
 
 Samples = dict[str, list[tuple[dict[str, str], float]]]
@@ -204,6 +204,9 @@ def test_traffic_counts_coverage_and_latency(server):
         assert not [name for name in after if name.startswith("moe_prune_expert_")]
 
     requests_sent = len(first) + len(second)
+    if server.mode["api_servers"] > 1:  # the sums over processes were really exercised
+        served_by = set(re.findall(r"\((ApiServer_\d+) pid=\d+\) INFO .* Added request", server.log_path.read_text()))
+        assert served_by == {f"ApiServer_{i}" for i in range(server.mode["api_servers"])}
     latency = {**labels, "engine": "0"}
     for name, per_request in (("time_to_first_token_seconds", 1), ("e2e_request_latency_seconds", 1),
                               ("inter_token_latency_seconds", MAX_TOKENS - 1)):
