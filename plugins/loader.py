@@ -13,7 +13,6 @@ import copy
 from collections.abc import Generator
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from vllm.config import ModelConfig, VllmConfig
 from vllm.config.load import LoadConfig
@@ -24,7 +23,7 @@ from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm_moe_prune.checkpoint import Checkpoint
 from vllm_moe_prune.errors import UserError
 from vllm_moe_prune.plan import Plan
-from vllm_moe_prune.remap import PrunedLayout
+from vllm_moe_prune.remap import read_kept_tensors
 from vllm_moe_prune.serving import CONFIG_COUNTS_KEY, CONFIG_PLAN_KEY, LOAD_FORMAT
 
 from .models import BINDINGS, KEPT_TENSOR_PREFIX
@@ -121,13 +120,7 @@ class MoePruneModelLoader(DefaultModelLoader):
         kept = self.plan.kept if self.plan else {layer: list(range(shape.num_experts)) for layer in shape.moe_layers}
         for layer, ids in kept.items():
             yield f"{KEPT_TENSOR_PREFIX}{layer}", torch.tensor(ids, dtype=torch.int64)
-        layout = PrunedLayout(shape, kept)
         self.bytes_read = 0
-        for file in sorted({info.file for info in ckpt.tensors.values()}):
-            with safe_open(ckpt.path / file, framework="pt") as f:
-                for name in f.keys():
-                    if layout.remap(name) is None:
-                        continue
-                    tensor = f.get_tensor(name)
-                    self.bytes_read += tensor.numel() * tensor.element_size()
-                    yield name, tensor
+        for name, tensor, _ in read_kept_tensors(ckpt, kept):
+            self.bytes_read += tensor.numel() * tensor.element_size()
+            yield name, tensor

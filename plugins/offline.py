@@ -88,6 +88,19 @@ class TracingLLM:
     def generate(self, prompts: list[Any], sampling_params: Any, use_tqdm: bool = True) -> list[Any]:
         return self.llm.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
+    def trace(self, prompts_token_ids: list[list[int]], sampling_params: Any) -> tuple:
+        """Generate for ``prompts_token_ids`` with capture on: ``(stats, load_info, samples)`` of exactly that traffic."""
+        from vllm.inputs import TokensPrompt
+
+        self.drain()
+        self.set_tracing(True)
+        try:
+            self.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts_token_ids], sampling_params,
+                          use_tqdm=False)
+        finally:
+            self.set_tracing(False)
+        return self.drain(with_samples=True)
+
     def close(self) -> None:
         """Stop the engine's processes now (tests and benchmarks run engines one after another)."""
         self.llm.llm_engine.engine_core.shutdown()

@@ -26,14 +26,13 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vllm_moe_prune.atomic import atomic_directory
 from vllm_moe_prune.checkpoint import Checkpoint, CheckpointError
 from vllm_moe_prune.errors import UserError
 from vllm_moe_prune.plan import Plan
-from vllm_moe_prune.remap import PrunedLayout
+from vllm_moe_prune.remap import read_kept_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -136,19 +135,10 @@ def export_pruned(
     ckpt = Checkpoint.open(model_dir)
     plan.validate_for(ckpt)
     _check_tensors(ckpt)
-    layout = PrunedLayout(ckpt.shape, plan.kept)
-    by_file: dict[str, list[str]] = {}
-    for name, info in ckpt.tensors.items():
-        by_file.setdefault(info.file, []).append(name)
-
     with atomic_directory(out_dir) as tmp:
         writer = _ShardWriter(tmp, max_shard_bytes)
-        for file, names in sorted(by_file.items()):
-            with safe_open(str(ckpt.path / file), framework="pt") as f:
-                for name in sorted(names):
-                    remap = layout.remap(name)
-                    if remap is not None:
-                        writer.add(remap.name, remap.apply(f.get_tensor(name)))
+        for _, tensor, remap in read_kept_tensors(ckpt, plan.kept):
+            writer.add(remap.name, remap.apply(tensor))
         writer.finish()
         _copy_other_files(ckpt.path, tmp)
         (tmp / "config.json").write_text(json.dumps(pruned_config(ckpt, plan), indent=2) + "\n")

@@ -10,10 +10,13 @@ the kept rows, in the same order. The vLLM loader and the standalone exporter bo
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from safetensors import safe_open
 
+from vllm_moe_prune.checkpoint import Checkpoint
 from vllm_moe_prune.families import MoEShape
 
 
@@ -65,3 +68,18 @@ class PrunedLayout:
     def router_layer(self, name: str) -> int | None:
         """The MoE layer whose router matrix ``name`` is, else None."""
         return self._router_layers.get(name)
+
+
+def read_kept_tensors(ckpt: Checkpoint, kept: dict[int, list[int]]) -> Iterator[tuple[str, torch.Tensor, TensorRemap]]:
+    """``(original name, tensor, remap)`` of every tensor the variant keeps, file by file.
+
+    Tensors of pruned experts are never read from disk: this is where the loader's and
+    the exporter's memory and I/O savings come from.
+    """
+    layout = PrunedLayout(ckpt.shape, kept)
+    for file in sorted({info.file for info in ckpt.tensors.values()}):
+        with safe_open(ckpt.path / file, framework="pt") as f:
+            for name in f.keys():
+                remap = layout.remap(name)
+                if remap is not None:
+                    yield name, f.get_tensor(name), remap

@@ -22,6 +22,16 @@ class StatsError(UserError):
     """Statistics that are inconsistent, negative or not finite."""
 
 
+def tensor_layout(num_layers: int, num_experts: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Shape and dtype of every statistics tensor: the one definition readers check against."""
+    return {
+        "counts": ((num_layers, num_experts), torch.int64),
+        "prob_sum": ((num_layers, num_experts), torch.float64),
+        "gate_sum": ((num_layers, num_experts), torch.float64),
+        "transitions": ((max(num_layers - 1, 0), num_experts, num_experts), torch.int64),
+    }
+
+
 @dataclass
 class RoutingStats:
     """Routing statistics of traced traffic.
@@ -78,29 +88,22 @@ class RoutingStats:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RoutingStats":
         """Inverse of :meth:`to_dict`; validates the result."""
-        dtypes = {"counts": torch.int64, "prob_sum": torch.float64, "gate_sum": torch.float64, "transitions": torch.int64}
         moe_layers = tuple(int(x) for x in data["moe_layers"])
+        num_experts = len(data["counts"][0])
+        layout = tensor_layout(len(moe_layers), num_experts)
         stats = cls(
             moe_layers=moe_layers,
             top_k=int(data["top_k"]),
             tokens=int(data["tokens"]),
-            **{name: torch.tensor(data[name], dtype=dtype) for name, dtype in dtypes.items()},
+            # reshape: an empty list (one MoE layer, no transitions) carries no shape.
+            **{name: torch.tensor(data[name], dtype=dtype).reshape(shape) for name, (shape, dtype) in layout.items()},
         )
-        if stats.transitions.numel() == 0:
-            stats.transitions = stats.transitions.reshape(max(len(moe_layers) - 1, 0), stats.num_experts, stats.num_experts)
         stats.validate()
         return stats
 
     def validate(self) -> None:
         """Check shapes, dtypes, signs, finiteness and the exact count invariant."""
-        num_layers, num_experts = self.num_layers, self.num_experts
-        expected = {
-            "counts": ((num_layers, num_experts), torch.int64),
-            "prob_sum": ((num_layers, num_experts), torch.float64),
-            "gate_sum": ((num_layers, num_experts), torch.float64),
-            "transitions": ((max(num_layers - 1, 0), num_experts, num_experts), torch.int64),
-        }
-        for name, (shape, dtype) in expected.items():
+        for name, (shape, dtype) in tensor_layout(self.num_layers, self.num_experts).items():
             tensor = getattr(self, name)
             if tuple(tensor.shape) != shape or tensor.dtype != dtype:
                 raise StatsError(f"{name}: expected {dtype} {list(shape)}, got {tensor.dtype} {list(tensor.shape)}")

@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 
 from vllm_moe_prune.atomic import atomic_path
 from vllm_moe_prune.errors import UserError
-from vllm_moe_prune.stats import TENSOR_NAMES, RoutingStats, StatsError
+from vllm_moe_prune.stats import TENSOR_NAMES, RoutingStats, StatsError, tensor_layout
 
 logger = logging.getLogger(__name__)
 
@@ -296,14 +296,7 @@ def _decode(
             + (f"; missing {absent}" if absent else "")
             + (f"; unknown {unknown}" if unknown else "")
         )
-    num_layers = len(moe_layers)
-    expected = {
-        "counts": ((num_layers, num_experts), torch.int64),
-        "prob_sum": ((num_layers, num_experts), torch.float64),
-        "gate_sum": ((num_layers, num_experts), torch.float64),
-        "transitions": ((max(num_layers - 1, 0), num_experts, num_experts), torch.int64),
-    }
-    for name, (shape, dtype) in expected.items():
+    for name, (shape, dtype) in tensor_layout(len(moe_layers), num_experts).items():
         _check_tensor(tensors, name, shape, (dtype,))
     stats = RoutingStats(
         moe_layers=moe_layers, top_k=top_k, tokens=_int(raw, "tokens", 0), **{n: tensors[n] for n in TENSOR_NAMES}

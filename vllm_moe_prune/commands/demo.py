@@ -59,7 +59,6 @@ def _serve_and_measure(model: Path, plan_path: Path | None, traffic: dict[str, l
                        heldout: dict[str, list[list[int]]], trace_dir: Path | None, eager: bool) -> dict[str, Any]:
     """One engine: replay traffic with capture (writing shards if asked), then score held-out text."""
     from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
 
     from vllm_moe_prune.plan import Plan
     from vllm_moe_prune.traces import FULL_VARIANT, ShardMeta, write_shard
@@ -70,15 +69,10 @@ def _serve_and_measure(model: Path, plan_path: Path | None, traffic: dict[str, l
     started = time.perf_counter()
     with TracingLLM(model, plan_path, dtype="float32", max_model_len=512, enforce_eager=eager, seed=0) as engine:
         startup = time.perf_counter() - started
-        engine.drain()
         coverage, tokens = {}, 0
         for domain, prompts in traffic.items():
-            engine.set_tracing(True)
             t0 = time.time()
-            engine.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
-                            SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)
-            engine.set_tracing(False)
-            stats, info = engine.drain()
+            stats, info, _ = engine.trace(prompts, SamplingParams(max_tokens=16, temperature=0))
             tokens += stats.tokens
             kept = plan.kept if plan else {layer: list(range(stats.num_experts)) for layer in stats.moe_layers}
             coverage[domain] = float(stats.kept_mass(kept).mean())

@@ -50,7 +50,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
 
     from vllm_moe_prune_plugins.offline import TracingLLM
 
@@ -65,18 +64,14 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.plan, sample_capacity=args.sample_capacity if args.sample_rate else 0,
         dtype=args.dtype, max_model_len=args.max_model_len, enforce_eager=args.enforce_eager, seed=0,
     )
-    tokenizer = engine.llm.get_tokenizer()
-    inputs = [TokensPrompt(prompt_token_ids=tokenize(p, tokenizer)[: args.max_model_len - args.max_tokens]) for p in prompts]
-    engine.drain()
-    if args.sample_rate:
-        engine.set_sample_rate(args.sample_rate)
-    engine.set_tracing(True)
-    start = time.time()
-    engine.generate(inputs, SamplingParams(max_tokens=args.max_tokens, temperature=0))
-    end = time.time()
-    engine.set_tracing(False)
-    stats, _, samples = engine.drain(with_samples=True)
-    engine.close()
+    with engine:
+        tokenizer = engine.llm.get_tokenizer()
+        inputs = [tokenize(p, tokenizer)[: args.max_model_len - args.max_tokens] for p in prompts]
+        if args.sample_rate:
+            engine.set_sample_rate(args.sample_rate)
+        start = time.time()
+        stats, _, samples = engine.trace(inputs, SamplingParams(max_tokens=args.max_tokens, temperature=0))
+        end = time.time()
     meta = ShardMeta(
         fingerprint=ckpt.fingerprint, start=start, end=end, label=args.label,
         variant=plan.plan_id if plan else FULL_VARIANT, kept=plan.kept if plan else None,
