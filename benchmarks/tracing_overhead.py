@@ -15,9 +15,10 @@ A B, B A, A B ... (``--reps`` repetitions, each engine started once per repetiti
 slow drift of a shared machine hits both sides alike; the ratio is taken per repetition
 (median round of capture / median round of stock) and reported with its spread.
 
-Then a micro-benchmark of ``torch.ops.moe_prune.record_routing`` (one CPU thread) says
-where the time goes: the op's cost per call at several token counts, a profile of its
-parts, and the estimated share of a round's time that 4 calls per forward step explain.
+Then where the time goes: a micro-benchmark of ``RoutingRecorder.record`` for the 4 MoE
+layers of a forward pass (one CPU thread; eager at several token counts, and compiled
+with torch.compile), a profile of its parts, the estimated share of a round's time it
+explains, and one more stock and capture engine each under vLLM's torch profiler.
 
     flock /tmp/vllm-engine.lock python benchmarks/tracing_overhead.py
     python benchmarks/tracing_overhead.py --reps 1 --rounds 2 --no-write     # a quick look
@@ -26,6 +27,7 @@ parts, and the estimated share of a round's time that 4 calls per forward step e
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -36,6 +38,7 @@ from typing import Any
 import torch
 
 from _common import ENGINE_KWARGS, RESULTS, environment, greedy_round, shutdown, spread, traffic_ids, write_results
+from vllm_moe_prune.atomic import write_text_atomic
 from vllm_moe_prune.testbed import TESTBED_MODEL
 from vllm_moe_prune.testbed.corpus import DOMAINS
 
@@ -54,7 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="sampling variant: ring rows (VLLM_MOE_PRUNE_SAMPLE_CAPACITY); 0 skips the variant")
     parser.add_argument("--sample-rate", type=float, default=0.01, help="sampling variant: share of tokens sampled")
     parser.add_argument("--micro-tokens", type=int, nargs="+", default=[1, 8, 64, 256, 2048],
-                        help="token counts for the record_routing micro-benchmark")
+                        help="token counts for the recording micro-benchmark")
+    parser.add_argument("--no-profile", action="store_true",
+                        help="skip the in-engine torch.profiler runs (one extra stock and capture engine)")
     parser.add_argument("--output", type=Path, default=RESULTS, help="directory for tracing_overhead.json/.md")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     return parser.parse_args(argv)
@@ -129,64 +134,133 @@ def _time_calls(fn, calls: int) -> float:
 
 
 def micro_benchmark(token_counts: list[int], hidden_size: int, num_experts: int, top_k: int,
-                    num_layers: int, sample_capacity: int = 0, sample_rate: float = 0.0) -> dict[str, Any]:
-    """Cost of one ``record_routing`` call vs the router work the model does anyway."""
-    import inspect
+                    num_layers: int, sample_capacity: int = 0, sample_rate: float = 0.0,
+                    compile_tokens: int | None = 64) -> dict[str, Any]:
+    """Cost of ``RoutingRecorder.record`` for every MoE layer of one forward pass, vs the router work.
 
-    from vllm_moe_prune_plugins.capture import RoutingRecorder, record_routing
+    Only the recorder's public ``record`` is called, so this measures whatever the plugin
+    does in a forward pass: eager (Python) and, at ``compile_tokens``, torch.compile'd
+    the way vLLM compiles the model (inductor), against the same router work compiled.
+    """
+    from vllm_moe_prune_plugins.capture import RoutingRecorder
 
     torch.manual_seed(0)
-    recorder = RoutingRecorder(list(range(num_layers)), num_experts, top_k, max(token_counts))
-    recorder.set_active(True)
-    sampler = None
-    if sample_capacity:
-        sampler = RoutingRecorder(list(range(num_layers)), num_experts, top_k, max(token_counts), sample_capacity)
-        sampler.set_active(True)
-        sampler.set_sample_rate(sample_rate)
+    layers = list(range(num_layers))
+
+    def make(capacity: int = 0) -> RoutingRecorder:
+        rec = RoutingRecorder(layers, num_experts, top_k, max(token_counts), capacity) if capacity else \
+            RoutingRecorder(layers, num_experts, top_k, max(token_counts))
+        rec.set_active(True)
+        if capacity:
+            rec.set_sample_rate(sample_rate)
+        return rec
+
+    recorder = make()
+    sampler = make(sample_capacity) if sample_capacity else None
     router = torch.randn(num_experts, hidden_size)
     kept = torch.arange(num_experts)
+
+    def forward_record(rec: RoutingRecorder, hidden: torch.Tensor) -> None:
+        for slot in range(num_layers):
+            rec.record(hidden, router, kept, slot, True)
+
+    def forward_router(hidden: torch.Tensor) -> list[torch.Tensor]:  # the model's own routing, every layer
+        return [torch.softmax(hidden @ router.t(), dim=-1).topk(top_k, dim=-1)[1] for _ in range(num_layers)]
+
     rows = []
     for tokens in token_counts:
         hidden = torch.randn(tokens, hidden_size)
-        calls = max(20, min(2000, 20000 // tokens))
-
-        def op():
-            recorder.record(hidden, router, kept, 1, True)
-
-        given = {"hidden": hidden, "router": router, "kept": kept, "slot": 1, "top_k": top_k, "renormalise": True}
-        names = list(inspect.signature(record_routing._init_fn).parameters)
-        body_args = [given[n] if n in given else getattr(recorder, n) for n in names]
-
-        def body():  # the op's Python body, called directly: no custom-op dispatcher
-            record_routing._init_fn(*body_args)
-
-        def sampled():
-            sampler.record(hidden, router, kept, 0, True)  # slot 0 draws the sample, as every forward does
-            sampler.record(hidden, router, kept, 1, True)
-
-        def routing():  # what the model's own router does per layer (logits, softmax, top-k)
-            torch.softmax(hidden @ router.t(), dim=-1).topk(top_k, dim=-1)
-
+        calls = max(10, min(500, 5000 // tokens))
         rows.append({
             "tokens": tokens,
-            "op_us": _time_calls(op, calls) * 1e6,
-            "body_us": _time_calls(body, calls) * 1e6,
-            "sampling_us": _time_calls(sampled, calls) * 1e6 / 2 if sampler is not None else None,
-            "router_us": _time_calls(routing, calls) * 1e6,
+            "record_us_per_layer": _time_calls(lambda: forward_record(recorder, hidden), calls) * 1e6 / num_layers,
+            "sampling_us_per_layer": (_time_calls(lambda: forward_record(sampler, hidden), calls) * 1e6 / num_layers
+                                      if sampler is not None else None),
+            "router_us_per_layer": _time_calls(lambda: forward_router(hidden), calls) * 1e6 / num_layers,
         })
+    compiled: dict[str, Any] = {}
+    if compile_tokens:
+        hidden = torch.randn(compile_tokens, hidden_size)
+        try:
+            t0 = time.perf_counter()
+            rec_c = torch.compile(lambda h: forward_record(recorder, h), dynamic=False)
+            route_c = torch.compile(forward_router, dynamic=False)
+            rec_c(hidden), route_c(hidden)
+            compiled = {
+                "tokens": compile_tokens,
+                "compile_s": time.perf_counter() - t0,
+                "record_us_per_layer": _time_calls(lambda: rec_c(hidden), 500) * 1e6 / num_layers,
+                "router_us_per_layer": _time_calls(lambda: route_c(hidden), 500) * 1e6 / num_layers,
+            }
+        except Exception as exc:  # noqa: BLE001 - report, do not lose the engine results
+            compiled = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     profile_tokens = 64 if 64 in token_counts else token_counts[0]
     hidden = torch.randn(profile_tokens, hidden_size)
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(200):
-            recorder.record(hidden, router, kept, 1, True)
+        for _ in range(50):
+            forward_record(recorder, hidden)
+    per = 50 * num_layers
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events)
-    top = [{"op": e.key, "calls_per_record": e.count / 200, "self_us_per_record": e.self_cpu_time_total / 200,
+    top = [{"op": e.key, "calls_per_record": e.count / per, "self_us_per_record": e.self_cpu_time_total / per,
             "share": e.self_cpu_time_total / total} for e in events[:12]]
-    return {"rows": rows, "profile_tokens": profile_tokens, "profile_top": top,
-            "profile_self_us_per_record": total / 200}
+    return {"rows": rows, "compiled": compiled, "profile_tokens": profile_tokens, "profile_top": top,
+            "profile_self_us_per_record": total / per, "aten_ops_per_record": sum(e.count for e in events) / per}
+
+
+def profile_in_engine(variant: str, args: argparse.Namespace, prompts: list[list[int]], profile_dir: Path
+                      ) -> dict[str, Any]:
+    """One engine of ``variant``, one round under vLLM's torch profiler: the worker's CPU time by entry."""
+    import re
+    import shutil
+
+    shutil.rmtree(profile_dir, ignore_errors=True)
+    profiler = {"profiler": "torch", "torch_profiler_dir": str(profile_dir.resolve()), "torch_profiler_with_stack": False}
+    kwargs = dict(ENGINE_KWARGS, enforce_eager=args.eager, profiler_config=profiler)
+    if variant == "stock":
+        from vllm import LLM
+
+        llm = LLM(model=str(args.model.resolve()), **kwargs)
+        close = lambda: shutdown(llm)  # noqa: E731
+    else:
+        from vllm_moe_prune_plugins.offline import TracingLLM
+
+        engine = TracingLLM(args.model, None, **kwargs)
+        engine.set_tracing(True)
+        llm, close = engine.llm, engine.close
+    try:
+        greedy_round(llm, prompts, 16)
+        llm.start_profile()
+        greedy_round(llm, prompts, args.max_tokens)
+        llm.stop_profile()
+    finally:
+        close()
+    tables = sorted(profile_dir.glob("*profiler_out.txt"))
+    if not tables:
+        return {"error": f"no profiler table written under {profile_dir}"}
+    text = tables[0].read_text()
+    scale = {"s": 1e6, "ms": 1e3, "us": 1.0}
+
+    def us(value: str) -> float:
+        number, unit = re.fullmatch(r"([0-9.]+)(s|ms|us)", value).groups()
+        return float(number) * scale[unit]
+
+    rows: dict[str, dict[str, float]] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 7 and re.fullmatch(r"[0-9.]+(s|ms|us)", parts[-5]):
+            name = " ".join(parts[:-6])
+            if name.startswith("execute_context_"):  # one row per batch shape: summed below
+                name = "execute_context (model step, all shapes)"
+            row = rows.setdefault(name, {"self_us": 0.0, "total_us": 0.0, "calls": 0})
+            row["self_us"] += us(parts[-5])
+            row["total_us"] += us(parts[-3])
+            row["calls"] += int(parts[-1])
+    total = re.search(r"Self CPU time total: ([0-9.]+)(s|ms|us)", text)
+    return {"worker_cpu_us": us(total.group(1) + total.group(2)) if total else None, "rows": rows,
+            "table_file": str(tables[0])}
 
 
 # --------------------------------------------------------------------------- report
@@ -251,24 +325,50 @@ def markdown(summary: dict[str, Any], micro: dict[str, Any], config: dict[str, A
     lines += ["Engine start-up (s): " + "; ".join(f"{k} {', '.join(f'{v:.0f}' for v in vals)}"
                                                   for k, vals in startups.items()), ""]
     lines += [
-        "Where the time goes: `torch.ops.moe_prune.record_routing`, one call per MoE layer and forward step, "
-        "timed alone on one CPU thread (hidden 128, 16 experts, top-2). `router` is what the model's own router "
-        "computes per layer anyway (logits, softmax, top-k), for scale; `with sampling`: the op on a recorder "
-        "with a sample ring (mean of a slot-0 and a slot-1 call); `body`: the op's Python function called directly, "
-        "without the custom-op dispatcher.",
+        "Where the time goes. (1) `RoutingRecorder.record` for all 4 MoE layers of one forward pass, timed alone on "
+        "one CPU thread (hidden 128, 16 experts, top-2), per layer; `router` is the routing the model computes per "
+        "layer anyway (logits, softmax, top-k), for scale; `with sampling`: a recorder with a sample ring.",
         "",
-        "| tokens per call | record_routing (us) | body alone, no dispatcher (us) | with sampling (us) | router logits+softmax+top-k (us) |",
-        "|---:|---:|---:|---:|---:|",
+        "| tokens per forward | record, eager (us per layer) | with sampling, eager (us per layer) | router, eager (us per layer) |",
+        "|---:|---:|---:|---:|",
     ]
     for row in micro["rows"]:
-        sampled = "-" if row["sampling_us"] is None else f"{row['sampling_us']:.0f}"
-        lines.append(f"| {row['tokens']} | {row['op_us']:.0f} | {row['body_us']:.0f} | {sampled} | {row['router_us']:.0f} |")
-    lines += ["", f"Profile of one call at {micro['profile_tokens']} tokens "
-              f"({micro['profile_self_us_per_record']:.0f} us of self CPU time per call, profiler overhead included):", "",
-              "| aten op | calls per record | self us per record | share |", "|---|---:|---:|---:|"]
+        sampled = "-" if row["sampling_us_per_layer"] is None else f"{row['sampling_us_per_layer']:.0f}"
+        lines.append(f"| {row['tokens']} | {row['record_us_per_layer']:.0f} | {sampled} | {row['router_us_per_layer']:.0f} |")
+    comp = micro.get("compiled") or {}
+    if "record_us_per_layer" in comp:
+        lines += ["", f"torch.compile'd (inductor, as vLLM compiles the model), {comp['tokens']} tokens: record "
+                  f"{comp['record_us_per_layer']:.0f} us per layer vs router {comp['router_us_per_layer']:.0f} us per "
+                  "layer."]
+    elif comp:
+        lines += ["", f"torch.compile'd micro-benchmark failed: {comp['error']}"]
+    lines += ["", f"Eager profile at {micro['profile_tokens']} tokens: {micro['aten_ops_per_record']:.0f} profiler "
+              f"events and {micro['profile_self_us_per_record']:.0f} us of self CPU time per layer (profiler "
+              "overhead included):", "",
+              "| op | calls per layer | self us per layer | share |", "|---|---:|---:|---:|"]
     for e in micro["profile_top"]:
-        lines.append(f"| {e['op']} | {e['calls_per_record']:.0f} | {e['self_us_per_record']:.1f} | {e['share']:.0%} |")
+        lines.append(f"| {e['op']} | {e['calls_per_record']:.1f} | {e['self_us_per_record']:.1f} | {e['share']:.0%} |")
     lines += ["", estimate["text"], ""]
+    prof = estimate.get("profile") or {}
+    if prof.get("stock", {}).get("rows") and prof.get("capture", {}).get("rows"):
+        st, ca = prof["stock"], prof["capture"]
+        names = sorted(set(st["rows"]) | set(ca["rows"]),
+                       key=lambda n: -max(st["rows"].get(n, {}).get("self_us", 0), ca["rows"].get(n, {}).get("self_us", 0)))
+        names = [n for n in names if n.startswith("moe_prune::")] + [n for n in names if not n.startswith("moe_prune::")]
+        lines += [
+            f"(2) In the engine: one more stock and one more capture engine, one round ({config['max_tokens']} "
+            "tokens x all prompts) under vLLM's torch profiler (the profiler inflates small ops). Worker CPU time: "
+            f"stock {st['worker_cpu_us'] / 1e3:.0f} ms, capture {ca['worker_cpu_us'] / 1e3:.0f} ms "
+            f"({ca['worker_cpu_us'] / st['worker_cpu_us'] - 1:+.1%}). Entries by self time (ms), plugin ops first:", "",
+            "| entry | stock self ms | capture self ms | capture calls |", "|---|---:|---:|---:|",
+        ]
+        for n in names[:16]:
+            a, b = st["rows"].get(n), ca["rows"].get(n)
+            lines.append(f"| {n} | {a['self_us'] / 1e3:.1f} | " if a else f"| {n} | - | ")
+            lines[-1] += f"{b['self_us'] / 1e3:.1f} | {b['calls']} |" if b else "- | - |"
+        lines.append("")
+    elif prof:
+        lines += [f"In-engine profile: {prof}"[:400], ""]
     return "\n".join(lines) + "\n"
 
 
@@ -301,36 +401,52 @@ def main(argv: list[str] | None = None) -> int:
             for name, rounds in result["rounds"].items():
                 print(f"    {name:14s} output tok/s: " + ", ".join(f"{r['output_tok_s']:.0f}" for r in rounds), flush=True)
     summary = summarise(engines)
-    print("micro-benchmark of record_routing", flush=True)
+    if not args.no_write:  # keep the engine measurements even if a later step fails
+        write_text_atomic(args.output / "tracing_overhead.partial.json",
+                          json.dumps({"summary": summary, "engines": engines}, indent=2) + "\n")
+    print("micro-benchmark of RoutingRecorder.record", flush=True)
     micro = micro_benchmark(args.micro_tokens, 128, 16, 2, 4,
                             args.sample_capacity if can_sample else 0, args.sample_rate)
 
-    # How much of the measured loss do 4 op calls per forward step explain?
     from vllm_moe_prune.checkpoint import Checkpoint
 
     shape = Checkpoint.open(args.model).shape
-    steps = args.max_tokens  # one prefill step (all prompts fit one batch) + max_tokens - 1 decode steps
+    steps = args.max_tokens  # about one prefill step + max_tokens - 1 decode steps per round
     stock_s = statistics.median([r["seconds"] for e in engines for r in e["rounds"].get("stock", [])])
     capture_s = statistics.median([r["seconds"] for e in engines for r in e["rounds"].get("capture", [])])
     decode_tokens = len(prompts)
-    op_us = min(micro["rows"], key=lambda r: abs(r["tokens"] - decode_tokens))["op_us"]
-    predicted_s = len(shape.moe_layers) * steps * op_us * 1e-6
+    nearest = min(micro["rows"], key=lambda r: abs(r["tokens"] - decode_tokens))
+    comp = micro.get("compiled") or {}
+    per_layer_us = comp.get("record_us_per_layer", nearest["record_us_per_layer"])
+    basis = "compiled" if "record_us_per_layer" in comp else "eager"
+    predicted_s = len(shape.moe_layers) * steps * per_layer_us * 1e-6
     estimate = {
         "stock_round_s": stock_s, "capture_round_s": capture_s, "measured_extra_s": capture_s - stock_s,
-        "forward_steps": steps, "op_us_at_batch": op_us, "predicted_extra_s": predicted_s,
-        "step_ms_stock": stock_s / steps * 1e3,
+        "forward_steps": steps, "record_us_per_layer": per_layer_us, "basis": basis,
+        "predicted_extra_s": predicted_s, "step_ms_stock": stock_s / steps * 1e3,
     }
     estimate["text"] = (
-        f"Estimate: a round is about {steps} forward steps of {len(prompts)} sequences, {stock_s / steps * 1e3:.2f} ms "
-        f"each on the stock model. {len(shape.moe_layers)} record_routing calls per step at ~{op_us:.0f} us each "
-        f"(measured alone, {decode_tokens} tokens) predict {predicted_s * 1e3:.0f} ms more per round "
+        f"Estimate: a round is about {steps} forward steps of {len(prompts)} sequences, "
+        f"{stock_s / steps * 1e3:.2f} ms each on the stock model (median round). Recording costs ~{per_layer_us:.0f} us "
+        f"per MoE layer ({basis}, measured alone at {comp.get('tokens', nearest['tokens'])} tokens), so "
+        f"{len(shape.moe_layers)} layers x {steps} steps predict {predicted_s * 1e3:.0f} ms more per round "
         f"({predicted_s / stock_s:.1%} of a stock round); measured: {(capture_s - stock_s) * 1e3:.0f} ms "
-        f"({(capture_s - stock_s) / stock_s:.1%}, median rounds). The op costs the same with counters off (it "
-        "always runs and only multiplies by the on/off flag), which the OFF rows confirm. The testbed's layers are "
-        "tiny (hidden 128), so a step costs a few milliseconds and the op's fixed cost per call (dispatcher, "
-        "forward-context lookup, about 15 small kernels) is a large share; on a real model the same op is a "
-        "[tokens x hidden] x [hidden x experts] product plus bookkeeping, small next to the experts' matmuls."
+        f"({(capture_s - stock_s) / stock_s:.1%}, median rounds over all repetitions). Counters OFF costs the same "
+        "as ON: recording always runs and multiplies by the on/off flag. The testbed's layers are tiny "
+        "(hidden 128, a step takes milliseconds), so recording's fixed cost per layer (a dozen small kernels: "
+        "router logits over all experts, softmax, top-k, three index_add_ into float64/int64 buffers) is a large "
+        "share of a step; on a real model the recording work is a [tokens x hidden] x [hidden x experts] "
+        "product plus bookkeeping, small next to the experts' matmuls."
     )
+    if not args.no_profile:
+        estimate["profile"] = {}
+        for variant in ("stock", "capture"):
+            print(f"in-engine profile: {variant}", flush=True)
+            try:
+                estimate["profile"][variant] = profile_in_engine(variant, args, prompts,
+                                                                 Path("runs") / f"tracing-profile-{variant}")
+            except Exception as exc:  # noqa: BLE001 - report, do not lose the other results
+                estimate["profile"][variant] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     elapsed = time.perf_counter() - began
     startups: dict[str, list[float]] = {}
     for e in engines:
