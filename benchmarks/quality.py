@@ -74,28 +74,13 @@ def _kept_key(kept: dict[int, list[int]]) -> str:
 def serve_full(model: Path, traffic: dict[str, list[list[int]]], heldout: dict[str, list[list[int]]],
                trace_dir: Path) -> tuple[dict[str, Any], dict[str, list[torch.Tensor]]]:
     """Full model: replay traffic with capture into labelled shards, then held-out logprobs."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    from vllm_moe_prune.traces import FULL_VARIANT, ShardMeta, write_shard
-    from vllm_moe_prune_plugins.offline import TracingLLM, prompt_logprobs
+    from vllm_moe_prune_plugins.offline import TracingLLM, prompt_logprobs, trace_labelled
 
     fingerprint = Checkpoint.open(model).fingerprint
     started = time.perf_counter()
     with TracingLLM(model, None, enforce_eager=True, **ENGINE_KWARGS) as engine:
         startup = time.perf_counter() - started
-        engine.drain()
-        traced = {}
-        for domain, prompts in traffic.items():
-            engine.set_tracing(True)
-            t0 = time.time()
-            engine.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
-                            SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)
-            engine.set_tracing(False)
-            stats = engine.drain()[0]
-            traced[domain] = stats.tokens
-            write_shard(trace_dir, stats, ShardMeta(fingerprint=fingerprint, start=t0, end=time.time(),
-                                                    label=domain, variant=FULL_VARIANT))
+        traced = {d: st.tokens for d, st in trace_labelled(engine, traffic, 16, trace_dir, fingerprint).items()}
         logprobs = {d: prompt_logprobs(engine.llm, seqs) for d, seqs in heldout.items()}
         status = engine.status()
     row = {"name": "full", "method": "full", "budget": "100%", "plan_id": "full", "startup_s": round(startup, 1),
@@ -254,7 +239,7 @@ def _setting_table(key: str, res: dict[str, Any]) -> list[str]:
             + " | geo-mean ratio | worst ratio |" + (" worst unseen ratio |" if unseen else "") + " plan s |")
     lines = [f"### {title}", "", head, "|" + "---|" * (head.count("|") - 1)]
     full = res["full"]
-    lines.append(f"| full | 100% | 16,16,16,16 | " + " | ".join(f"{full['perplexity'][d]:.3f}" for d in DOMAINS)
+    lines.append("| full | 100% | 16,16,16,16 | " + " | ".join(f"{full['perplexity'][d]:.3f}" for d in DOMAINS)
                  + " | 1 | 1 |" + (" 1 |" if unseen else "") + " |")
     for row in res["rows"]:
         if "error" in row:

@@ -88,11 +88,7 @@ def _explicit_kv_class() -> type:
 def run_engine(args: argparse.Namespace, plan_path: Path | None, prompts: list[list[int]], *,
                kv_bytes: int | None = None, trace: tuple[dict[str, list[list[int]]], Path] | None = None
                ) -> dict[str, Any]:
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    from vllm_moe_prune.traces import FULL_VARIANT, ShardMeta, write_shard
-    from vllm_moe_prune_plugins.offline import TracingLLM
+    from vllm_moe_prune_plugins.offline import TracingLLM, trace_labelled
 
     ExplicitKVTracingLLM = _explicit_kv_class()
     kwargs = dict(ENGINE_KWARGS, enforce_eager=args.eager)
@@ -115,15 +111,7 @@ def run_engine(args: argparse.Namespace, plan_path: Path | None, prompts: list[l
         engine.drain()
         if trace is not None:  # replay traffic with capture: the statistics the plan is made from
             traffic, trace_dir = trace
-            fingerprint = Checkpoint.open(args.model).fingerprint
-            for domain, ids in traffic.items():
-                engine.set_tracing(True)
-                t0 = time.time()
-                engine.generate([TokensPrompt(prompt_token_ids=p) for p in ids],
-                                SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)
-                engine.set_tracing(False)
-                write_shard(trace_dir, engine.drain()[0], ShardMeta(fingerprint=fingerprint, start=t0, end=time.time(),
-                                                                    label=domain, variant=FULL_VARIANT))
+            trace_labelled(engine, traffic, 16, trace_dir, Checkpoint.open(args.model).fingerprint)
         engine.set_tracing(True)  # production: counters on
         greedy_round(engine.llm, prompts[: max(8, len(prompts) // 8)], 16)  # warm-up
         rounds = [greedy_round(engine.llm, prompts, args.max_tokens) for _ in range(args.rounds)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +111,27 @@ class TracingLLM:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def trace_labelled(
+    engine: TracingLLM, traffic: dict[str, list[list[int]]], max_tokens: int = 16,
+    trace_dir: str | Path | None = None, fingerprint: str | None = None,
+) -> dict[str, RoutingStats]:
+    """Replay each label's prompts (greedy) with capture on; one trace shard per label if ``trace_dir``.
+
+    The demo and the benchmarks build their traces this way: one label per traffic
+    domain, so a plan can be made from one domain or from all of them.
+    """
+    from vllm import SamplingParams
+
+    from vllm_moe_prune.traces import FULL_VARIANT, ShardMeta, write_shard
+
+    out = {}
+    for label, prompts in traffic.items():
+        start = time.time()
+        stats, _, samples = engine.trace(prompts, SamplingParams(max_tokens=max_tokens, temperature=0))
+        if trace_dir is not None:
+            meta = ShardMeta(fingerprint=fingerprint, start=start, end=time.time(), label=label, variant=FULL_VARIANT)
+            write_shard(trace_dir, stats, meta, samples)
+        out[label] = stats
+    return out

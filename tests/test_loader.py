@@ -10,7 +10,6 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
 from reference import pruned_reference_logprobs, tiny_checkpoint
 from vllm_engine import ENGINE_KWARGS, domain_prompts, max_abs_diff, reference_token_logprobs

@@ -58,31 +58,23 @@ def _load_jsonl(path: Path, key: str, limit: int | None = None) -> list[str]:
 def _serve_and_measure(model: Path, plan_path: Path | None, traffic: dict[str, list[list[int]]],
                        heldout: dict[str, list[list[int]]], trace_dir: Path | None, eager: bool) -> dict[str, Any]:
     """One engine: replay traffic with capture (writing shards if asked), then score held-out text."""
-    from vllm import SamplingParams
-
     from vllm_moe_prune.plan import Plan
-    from vllm_moe_prune.traces import FULL_VARIANT, ShardMeta, write_shard
-    from vllm_moe_prune_plugins.offline import TracingLLM, prompt_logprobs
+    from vllm_moe_prune_plugins.offline import TracingLLM, prompt_logprobs, trace_labelled
 
     ckpt = Checkpoint.open(model)
     plan = Plan.load(plan_path) if plan_path else None
     started = time.perf_counter()
     with TracingLLM(model, plan_path, dtype="float32", max_model_len=512, enforce_eager=eager, seed=0) as engine:
         startup = time.perf_counter() - started
-        coverage, tokens = {}, 0
-        for domain, prompts in traffic.items():
-            t0 = time.time()
-            stats, info, _ = engine.trace(prompts, SamplingParams(max_tokens=16, temperature=0))
-            tokens += stats.tokens
-            kept = plan.kept if plan else {layer: list(range(stats.num_experts)) for layer in stats.moe_layers}
-            coverage[domain] = float(stats.kept_mass(kept).mean())
-            if trace_dir is not None:
-                write_shard(trace_dir, stats, ShardMeta(fingerprint=ckpt.fingerprint, start=t0, end=time.time(),
-                                                        label=domain, variant=FULL_VARIANT))
+        traced = trace_labelled(engine, traffic, 16, trace_dir, ckpt.fingerprint)
+        kept = plan.kept if plan else {layer: list(range(ckpt.shape.num_experts)) for layer in ckpt.shape.moe_layers}
+        coverage = {domain: float(stats.kept_mass(kept).mean()) for domain, stats in traced.items()}
+        tokens = sum(stats.tokens for stats in traced.values())
         ppl = {domain: perplexity(prompt_logprobs(engine.llm, seqs)) for domain, seqs in heldout.items()}
         status = engine.status()
     return {
-        "plan_id": info["plan_id"], "startup_s": round(startup, 1), "bytes_read": info["bytes_read"],
+        "plan_id": status["load_info"]["plan_id"], "startup_s": round(startup, 1),
+        "bytes_read": status["load_info"]["bytes_read"],
         "expert_bytes_resident": status["expert_bytes_resident"], "traced_tokens": tokens,
         "coverage": coverage, "perplexity": ppl,
         "experts_per_layer": list(plan.experts_per_layer.values()) if plan else None,
