@@ -89,15 +89,16 @@ class TracingLLM:
     def generate(self, prompts: list[Any], sampling_params: Any, use_tqdm: bool = True) -> list[Any]:
         return self.llm.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
-    def trace(self, prompts_token_ids: list[list[int]], sampling_params: Any) -> tuple:
-        """Generate for ``prompts_token_ids`` with capture on: ``(stats, load_info, samples)`` of exactly that traffic."""
+    def trace(self, prompts_token_ids: list[list[int]], max_tokens: int) -> tuple:
+        """Generate greedily for ``prompts_token_ids`` with capture on: ``(stats, load_info, samples)`` of that traffic."""
+        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         self.drain()
         self.set_tracing(True)
         try:
-            self.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts_token_ids], sampling_params,
-                          use_tqdm=False)
+            self.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts_token_ids],
+                          SamplingParams(max_tokens=max_tokens, temperature=0), use_tqdm=False)
         finally:
             self.set_tracing(False)
         return self.drain(with_samples=True)
@@ -122,14 +123,12 @@ def trace_labelled(
     The demo and the benchmarks build their traces this way: one label per traffic
     domain, so a plan can be made from one domain or from all of them.
     """
-    from vllm import SamplingParams
-
     from vllm_moe_prune.traces import FULL_VARIANT, ShardMeta, write_shard
 
     out = {}
     for label, prompts in traffic.items():
         start = time.time()
-        stats, _, samples = engine.trace(prompts, SamplingParams(max_tokens=max_tokens, temperature=0))
+        stats, _, samples = engine.trace(prompts, max_tokens)
         if trace_dir is not None:
             meta = ShardMeta(fingerprint=fingerprint, start=start, end=time.time(), label=label, variant=FULL_VARIANT)
             write_shard(trace_dir, stats, meta, samples)

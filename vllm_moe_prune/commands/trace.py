@@ -49,8 +49,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vllm import SamplingParams
-
     from vllm_moe_prune_plugins.offline import TracingLLM
 
     ckpt = Checkpoint.open(args.model)
@@ -70,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         if args.sample_rate:
             engine.set_sample_rate(args.sample_rate)
         start = time.time()
-        stats, _, samples = engine.trace(inputs, SamplingParams(max_tokens=args.max_tokens, temperature=0))
+        stats, _, samples = engine.trace(inputs, args.max_tokens)
         end = time.time()
     meta = ShardMeta(
         fingerprint=ckpt.fingerprint, start=start, end=end, label=args.label,
