@@ -75,23 +75,45 @@ def write_results(name: str, data: dict[str, Any], table: str, output: Path = RE
     write_text_atomic(output / f"{name}.md", table)
 
 
+def process_tree_cpu_seconds() -> float:
+    """User + system CPU seconds of this process and all its children (vLLM's engine and worker processes).
+
+    Less sensitive than wall time to other processes sharing the machine's cores.
+    """
+    import psutil
+
+    total = 0.0
+    me = psutil.Process()
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            pass
+    return total
+
+
 def greedy_round(llm: Any, prompts: list[list[int]], max_tokens: int) -> dict[str, float]:
-    """Generate ``max_tokens`` tokens for every prompt (greedy, ignore_eos); wall time and token counts."""
+    """Generate ``max_tokens`` tokens for every prompt (greedy, ignore_eos); wall and CPU time, token counts."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    cpu0 = process_tree_cpu_seconds()
     started = time.perf_counter()
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
     seconds = time.perf_counter() - started
+    cpu_seconds = process_tree_cpu_seconds() - cpu0
     output_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     prompt_tokens = sum(len(p) for p in prompts)
     return {
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "output_tokens": output_tokens,
         "prompt_tokens": prompt_tokens,
         "output_tok_s": output_tokens / seconds,
         "total_tok_s": (output_tokens + prompt_tokens) / seconds,
+        "output_tok_per_cpu_s": output_tokens / cpu_seconds if cpu_seconds > 0 else float("nan"),
     }
 
 
