@@ -10,6 +10,7 @@ variant keeps: the tensors of pruned experts are never read from disk. The model
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Generator
 
 import torch
@@ -114,6 +115,8 @@ class MoePruneModelLoader(DefaultModelLoader):
 
     def get_all_weights(self, model_config: ModelConfig, model: nn.Module) -> Generator[tuple[str, torch.Tensor], None, None]:
         """The kept ids of every layer first, then the kept tensors, file by file."""
+        # vLLM's own weight iterator starts the clock its "Loading weights took" log reads.
+        self.counter_before_loading_weights = time.perf_counter()
         ckpt = self.checkpoint
         assert ckpt is not None, "load_model() prepares the checkpoint before weights are read"
         shape = ckpt.shape
