@@ -38,7 +38,7 @@ from vllm_moe_prune.stats import RoutingStats
 
 @torch.library.custom_op("moe_prune::token_weights", mutates_args=())
 def token_weights(hidden: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-    """``[T]`` int64: 1 for a real token while recording is on, 0 for padding or when off.
+    """``[T]`` float32: 1 for a real token while recording is on, 0 for padding or when off.
 
     vLLM's padding mask lives in its forward context, which a compiled graph cannot read
     (Dynamo would freeze it at trace time); this opaque op reads it at run time, once per
@@ -53,12 +53,12 @@ def token_weights(hidden: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         is_padding = get_forward_context().is_padding
         if is_padding is not None:
             real = ~is_padding[:num_tokens].to(hidden.device)
-    return (real & active.bool()).long()
+    return (real & active.bool()).float()
 
 
 @token_weights.register_fake
 def _(hidden: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-    return hidden.new_empty(hidden.shape[0], dtype=torch.int64)
+    return hidden.new_empty(hidden.shape[0], dtype=torch.float32)
 
 
 class RoutingRecorder(nn.Module):
@@ -86,15 +86,20 @@ class RoutingRecorder(nn.Module):
             torch.zeros(max(num_layers - 1, 0), num_experts, num_experts, dtype=torch.int64),
             persistent=False,
         )
-        self.register_buffer("last_ids", torch.zeros(max_tokens, top_k, dtype=torch.int64), persistent=False)
-        self.register_buffer("weights", torch.zeros(max_tokens, dtype=torch.int64), persistent=False)
-        # Sampling ring: ``sample_capacity`` rows plus one scratch row (see _sample).
+        # The previous MoE layer's routing of each token as a 0/1 row over experts, so a
+        # transition update is one [E, T] x [T, E] product (no scatter over pairs).
+        self.register_buffer("last_routed", torch.zeros(max_tokens, num_experts, dtype=torch.float32), persistent=False)
+        self.register_buffer("weights", torch.zeros(max_tokens, dtype=torch.float32), persistent=False)
+        # Sampling ring, flat: row ``r`` of layer slot ``s`` is ``r * num_layers + s``, so a
+        # layer's write is one ``index_copy_`` into the buffer itself, which the compiled
+        # graph performs in place (writing through a ``[rows, slot]`` view made inductor
+        # copy the whole ring every step). Unsampled tokens all write one scratch row.
         self.register_buffer("sample_rate", torch.zeros(1, dtype=torch.float32), persistent=False)
         self.register_buffer(
-            "sample_ids", torch.zeros(sample_capacity + 1, num_layers, top_k, dtype=torch.int32), persistent=False
+            "sample_ids", torch.zeros((sample_capacity + 1) * num_layers, top_k, dtype=torch.int32), persistent=False
         )
         self.register_buffer(
-            "sample_probs", torch.zeros(sample_capacity + 1, num_layers, top_k, dtype=torch.float32), persistent=False
+            "sample_probs", torch.zeros((sample_capacity + 1) * num_layers, top_k, dtype=torch.float32), persistent=False
         )
         self.register_buffer(
             "sample_rows", torch.zeros(max_tokens if sample_capacity else 1, dtype=torch.int64), persistent=False
@@ -107,28 +112,36 @@ class RoutingRecorder(nn.Module):
         Plain tensor code: it is traced into vLLM's compiled graph and fused there. The
         first MoE layer of a forward pass fetches the token weights (the only opaque
         call) and picks the sampled tokens; the later layers reuse both.
+
+        The sums are weighted products rather than scatters: ``weights [T]`` times the
+        dense ``[T, E]`` rows of routed flags, gates and probabilities. Flags and token
+        weights are 0/1, so the float32 products are exact integers for any batch below
+        2**24 tokens; they are widened into the int64 / float64 totals once per step.
         """
         num_tokens = hidden.shape[0]
         if slot == 0:
             self.weights[:num_tokens] = torch.ops.moe_prune.token_weights(hidden, self.active)
         weight = self.weights[:num_tokens]
-        logits = hidden.float() @ router.float().t()
-        probs = logits.softmax(dim=-1)
-        self.prob_sum[slot] += (probs * weight[:, None]).sum(dim=0).double()
-        gates, local = logits[:, kept].softmax(dim=-1).topk(self.top_k, dim=-1)
-        if renormalise:
-            gates = gates / gates.sum(dim=-1, keepdim=True)
+        probs = (hidden.float() @ router.t()).softmax(dim=-1)
+        # Softmax over the kept experts' logits is the full softmax restricted to them and
+        # rescaled, so top-k over ``kept_probs`` is the variant's own routing.
+        kept_probs = probs[:, kept]
+        top, local = kept_probs.topk(self.top_k, dim=-1)
+        gates = top / (top if renormalise else kept_probs).sum(dim=-1, keepdim=True)
         ids = kept[local]
-        self.counts[slot].index_add_(0, ids.flatten(), weight.repeat_interleave(self.top_k))
-        self.gate_sum[slot].index_add_(0, ids.flatten(), (gates * weight[:, None]).flatten().double())
+        routed = torch.zeros_like(probs).scatter_(1, ids, 1.0)
+        gated = torch.zeros_like(probs).scatter_(1, ids, gates)
+        sums = weight @ torch.cat([routed, gated, probs], dim=1)
+        experts = self.num_experts
+        self.counts[slot] += sums[:experts].round().long()
+        self.gate_sum[slot] += sums[experts:2 * experts].double()
+        self.prob_sum[slot] += sums[2 * experts:].double()
         if slot > 0:
-            pairs = self.last_ids[:num_tokens, :, None] * self.num_experts + ids[:, None, :]
-            self.transitions[slot - 1].view(-1).index_add_(
-                0, pairs.flatten(), weight.repeat_interleave(self.top_k * self.top_k)
-            )
+            pairs = (self.last_routed[:num_tokens] * weight[:, None]).t() @ routed
+            self.transitions[slot - 1] += pairs.round().long()
         else:
-            self.tokens += weight.sum()
-        self.last_ids[:num_tokens] = ids
+            self.tokens += weight.sum().round().long()
+        self.last_routed[:num_tokens] = routed
         if self.sample_capacity:
             self._sample(ids, probs, slot, weight)
 
@@ -140,13 +153,13 @@ class RoutingRecorder(nn.Module):
             ring = (self.sample_count + chosen.long().cumsum(0) - 1) % capacity
             self.sample_rows[:num_tokens] = torch.where(chosen, ring, capacity)
             self.sample_count += chosen.long().sum()
-        rows = self.sample_rows[:num_tokens]
-        self.sample_ids[rows, slot] = ids.to(self.sample_ids.dtype)
-        self.sample_probs[rows, slot] = probs.gather(1, ids)
+        flat = self.sample_rows[:num_tokens] * len(self.moe_layers) + slot
+        self.sample_ids.index_copy_(0, flat, ids.to(self.sample_ids.dtype))
+        self.sample_probs.index_copy_(0, flat, probs.gather(1, ids))
 
     @property
     def sample_capacity(self) -> int:
-        return self.sample_ids.shape[0] - 1
+        return self.sample_ids.shape[0] // len(self.moe_layers) - 1
 
     def set_active(self, on: bool) -> None:
         self.active.fill_(int(on))
@@ -166,7 +179,9 @@ class RoutingRecorder(nn.Module):
         else:
             start = count % capacity
             order = torch.cat([torch.arange(start, capacity), torch.arange(start)])
-        ids, probs = self.sample_ids[order].cpu().clone(), self.sample_probs[order].cpu().clone()
+        shape = (self.sample_capacity + 1, len(self.moe_layers), self.top_k)
+        ids = self.sample_ids.view(shape)[order].cpu().clone()
+        probs = self.sample_probs.view(shape)[order].cpu().clone()
         self.sample_count.zero_()
         return ids, probs, max(0, count - capacity)
 
