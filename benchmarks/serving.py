@@ -140,7 +140,7 @@ def timed_checkpoint_read(model: Path, kept: dict[int, list[int]] | None) -> tup
 
     ckpt = Checkpoint.open(model)
     shape = ckpt.shape
-    layout = PrunedLayout(shape, kept or {layer: list(range(shape.num_experts)) for layer in shape.moe_layers})
+    layout = PrunedLayout(shape, kept or ckpt.experts)
     started, read = time.perf_counter(), 0
     for file in sorted({info.file for info in ckpt.tensors.values()}):
         with safe_open(ckpt.path / file, framework="pt") as f:

@@ -163,11 +163,12 @@ def micro_benchmark(token_counts: list[int], hidden_size: int, num_experts: int,
     recorder = make()
     sampler = make(sample_capacity) if sample_capacity else None
     router = torch.randn(num_experts, hidden_size)
+    router_bias = torch.zeros(num_experts)
     kept = torch.arange(num_experts)
 
     def forward_record(rec: RoutingRecorder, hidden: torch.Tensor) -> None:
         for slot in range(num_layers):
-            rec.record(hidden, router, kept, slot, True)
+            rec.record(hidden, router, router_bias, kept, slot, True)
 
     def forward_router(hidden: torch.Tensor) -> list[torch.Tensor]:  # the model's own routing, every layer
         return [torch.softmax(hidden @ router.t(), dim=-1).topk(top_k, dim=-1)[1] for _ in range(num_layers)]

@@ -106,8 +106,14 @@ class RoutingRecorder(nn.Module):
         )
         self.register_buffer("sample_count", torch.zeros(1, dtype=torch.int64), persistent=False)
 
-    def record(self, hidden: torch.Tensor, router: torch.Tensor, kept: torch.Tensor, slot: int, renormalise: bool) -> None:
+    def record(
+        self, hidden: torch.Tensor, router: torch.Tensor, router_bias: torch.Tensor, kept: torch.Tensor, slot: int,
+        renormalise: bool,
+    ) -> None:
         """Add one MoE layer's routing of ``hidden [T, H]`` to the statistics at ``slot``.
+
+        ``router [E, H]`` holds every expert's row and ``router_bias [E]`` is 0, or -inf
+        for an expert the checkpoint lacks; ``kept`` are the ids the variant routes to.
 
         Plain tensor code: it is traced into vLLM's compiled graph and fused there. The
         first MoE layer of a forward pass fetches the token weights (the only opaque
@@ -122,7 +128,7 @@ class RoutingRecorder(nn.Module):
         if slot == 0:
             self.weights[:num_tokens] = torch.ops.moe_prune.token_weights(hidden, self.active)
         weight = self.weights[:num_tokens]
-        probs = (hidden.float() @ router.t()).softmax(dim=-1)
+        probs = (hidden.float() @ router.t() + router_bias).softmax(dim=-1)
         # Softmax over the kept experts' logits is the full softmax restricted to them and
         # rescaled, so top-k over ``kept_probs`` is the variant's own routing.
         kept_probs = probs[:, kept]

@@ -119,8 +119,7 @@ class MoePruneModelLoader(DefaultModelLoader):
         self.counter_before_loading_weights = time.perf_counter()
         ckpt = self.checkpoint
         assert ckpt is not None, "load_model() prepares the checkpoint before weights are read"
-        shape = ckpt.shape
-        kept = self.plan.kept if self.plan else {layer: list(range(shape.num_experts)) for layer in shape.moe_layers}
+        kept = self.plan.kept if self.plan else ckpt.experts
         for layer, ids in kept.items():
             yield f"{KEPT_TENSOR_PREFIX}{layer}", torch.tensor(ids, dtype=torch.int64)
         self.bytes_read = 0

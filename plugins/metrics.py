@@ -258,7 +258,7 @@ class ServerMetrics:
         self._shards_written = self.series.shards_written.labels(**self.labels)
         self._shards_failed = self.series.shards_failed.labels(**self.labels)
         shape = ckpt.shape
-        self.kept = plan.kept if plan else {layer: list(range(shape.num_experts)) for layer in shape.moe_layers}
+        self.kept = plan.kept if plan else ckpt.experts
         self.kept_mask = torch.zeros(len(shape.moe_layers), shape.num_experts, dtype=torch.bool)
         for i, layer in enumerate(shape.moe_layers):
             self.kept_mask[i, self.kept[layer]] = True

@@ -5,7 +5,8 @@ vLLM's own model class and changes two things, nothing else:
 
 1. Construction: every MoE layer is built with its own kept-expert count (from
    ``moe_prune_experts_per_layer`` in the config, set through ``--hf-overrides`` by
-   ``vllm-moe-prune serve-args``), so pruned experts are never allocated. The family's
+   ``vllm-moe-prune serve-args``, or from the record an export carries in its
+   config.json), so pruned experts are never allocated. The family's
    decoder-layer ``__init__`` is wrapped, for the duration of construction only, so that
    each layer sees its own count in the config.
 2. Capture: every MoE block records its routing into the model's
@@ -30,6 +31,7 @@ from torch import nn
 
 from .capture import RoutingRecorder
 from .settings import SampleSettings
+from vllm_moe_prune.checkpoint import recorded_expert_counts
 from vllm_moe_prune.families import FAMILIES, MoEShape
 from vllm_moe_prune.remap import PrunedLayout
 from vllm_moe_prune.serving import CONFIG_COUNTS_KEY
@@ -56,11 +58,17 @@ BINDINGS: dict[str, VllmBinding] = {
 }
 
 
+def held_experts_per_layer(config, shape: MoEShape) -> dict[int, int]:
+    """Routed experts each MoE layer's checkpoint tensors hold: all, or what an export kept."""
+    recorded = recorded_expert_counts(config.to_dict(), shape)
+    return recorded or {layer: shape.num_experts for layer in shape.moe_layers}
+
+
 def experts_per_layer(config, shape: MoEShape) -> dict[int, int]:
-    """Kept-expert count of every MoE layer, from the config override or the full model."""
+    """Count of every MoE layer to build: the plan's (config override) or what the checkpoint holds."""
     counts = getattr(config, CONFIG_COUNTS_KEY, None)
     if counts is None:
-        return {layer: shape.num_experts for layer in shape.moe_layers}
+        return held_experts_per_layer(config, shape)
     counts = {int(k): int(v) for k, v in dict(counts).items()}
     if set(counts) != set(shape.moe_layers):
         raise ValueError(
@@ -92,6 +100,7 @@ class _TracedMoEBlock:
         self.moe_prune_recorder.record(
             hidden_states.reshape(-1, hidden_states.shape[-1]),
             self.moe_prune_router,
+            self.moe_prune_router_bias,
             self.moe_prune_kept,
             self.moe_prune_slot,
             self.moe_prune_renormalise,
@@ -138,6 +147,7 @@ def _make_pruned_class(model_type: str) -> type[nn.Module]:
 
             self.moe_prune_shape = shape
             self.moe_prune_counts = counts
+            self.moe_prune_held = held_experts_per_layer(config, shape)
             sampling = SampleSettings.from_env()
             self.moe_prune_recorder = RoutingRecorder(
                 list(shape.moe_layers), shape.num_experts, shape.top_k,
@@ -159,6 +169,11 @@ def _make_pruned_class(model_type: str) -> type[nn.Module]:
                     "moe_prune_router", torch.zeros(shape.num_experts, config.hidden_size, dtype=torch.float32),
                     persistent=False,
                 )
+                # -inf on the rows of experts the checkpoint does not hold (a non-uniform
+                # export's smaller layers), so they take no probability.
+                block.register_buffer(
+                    "moe_prune_router_bias", torch.zeros(shape.num_experts, dtype=torch.float32), persistent=False
+                )
                 block.register_buffer(
                     "moe_prune_kept", torch.arange(counts[layer], dtype=torch.int64), persistent=False
                 )
@@ -176,8 +191,9 @@ def _make_pruned_class(model_type: str) -> type[nn.Module]:
         def _moe_prune_remap(self, weights: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
             """Renumber kept experts and slice routers; the kept ids arrive first.
 
-            Without kept ids (the stock loader on a full-size model, e.g. for tracing)
-            every expert is kept, and a pruned-size model refuses to load.
+            Without kept ids (the stock loader, e.g. tracing a full model or serving an
+            export) every expert the checkpoint holds is kept, and a model built smaller
+            than its checkpoint (a plan's counts without the plan) refuses to load.
             """
             kept: dict[int, list[int]] = {}
             layout: PrunedLayout | None = None
@@ -193,20 +209,23 @@ def _make_pruned_class(model_type: str) -> type[nn.Module]:
                     continue
                 layer = layout.router_layer(name)
                 if layer is not None and layer in blocks:
-                    blocks[layer].moe_prune_router.copy_(tensor.float())
-                    blocks[layer].moe_prune_kept.copy_(torch.tensor(layout.kept[layer]))
+                    block, rows = blocks[layer], tensor.shape[0]
+                    block.moe_prune_router[:rows].copy_(tensor.float())
+                    block.moe_prune_router_bias[rows:] = float("-inf")
+                    block.moe_prune_kept.copy_(torch.tensor(layout.kept[layer]))
                 yield remap.name, remap.apply(tensor)
 
         def _moe_prune_layout(self, kept: dict[int, list[int]]) -> PrunedLayout:
             shape = self.moe_prune_shape
             if not kept:
-                pruned = [layer for layer, n in self.moe_prune_counts.items() if n != shape.num_experts]
+                held = self.moe_prune_held
+                pruned = [layer for layer, n in self.moe_prune_counts.items() if n != held[layer]]
                 if pruned:
                     raise ValueError(
                         f"MoE layers {pruned} are built pruned, but no plan reached the weights: "
                         "serve with --load-format moe_prune and the plan (see `vllm-moe-prune serve-args`)"
                     )
-                kept = {layer: list(range(shape.num_experts)) for layer in shape.moe_layers}
+                kept = {layer: list(range(n)) for layer, n in held.items()}
             for layer, ids in kept.items():
                 if len(ids) != self.moe_prune_counts[layer]:
                     raise ValueError(

@@ -16,7 +16,8 @@ from safetensors import safe_open
 
 import vllm_moe_prune.remap as remap
 from reference import load_float32, logprobs, tiny_checkpoint
-from vllm_moe_prune.checkpoint import Checkpoint
+from vllm_moe_prune.budget import budget_for_checkpoint
+from vllm_moe_prune.checkpoint import Checkpoint, CheckpointError
 from vllm_moe_prune.export import PLAN_FILE, ExportError, export_pruned
 from vllm_moe_prune.plan import Plan, PlanError
 
@@ -114,7 +115,11 @@ def test_non_uniform_export_records_counts_per_layer(tiny_root, tmp_path):
     assert config["n_routed_experts"] == 6
     assert config["moe_prune"]["uniform"] is False
     assert config["moe_prune"]["experts_per_layer"] == {str(first): 4, str(second): 6}
+    # Only the plugin's class can build it; vLLM picks the class by architecture.
+    assert config["architectures"] == [ckpt.shape.family.pruned_architecture]
     variant = Checkpoint.open(out)
+    assert variant.experts_per_layer == {first: 4, second: 6}
+    assert variant.expert_bytes == [[ckpt.expert_bytes[0][0]] * 4, [ckpt.expert_bytes[1][0]] * 6]
     family = ckpt.shape.family
     for layer, ids in kept.items():
         present = {e for e in range(8) if family.expert_tensor_names(layer, e)[0] in variant.tensors}
@@ -173,3 +178,35 @@ def test_export_is_readable_like_any_new_file(tiny_root, tmp_path):
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
     for path in out.iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
+
+
+def test_exports_are_refused_as_planning_input(tiny_root, tmp_path):
+    """Plans and budgets index the original experts: an export is not their input."""
+    model_dir = tiny_checkpoint("qwen3_moe", tiny_root)
+    ckpt = Checkpoint.open(model_dir)
+    plan = Plan.for_checkpoint(ckpt, {layer: [0, 1, 2, 3] for layer in ckpt.shape.moe_layers}, method="test")
+    variant = Checkpoint.open(export_pruned(model_dir, plan, tmp_path / "variant"))
+    assert variant.experts_per_layer == {layer: 4 for layer in ckpt.shape.moe_layers}
+    with pytest.raises(CheckpointError, match=f"is a pruned export \\(plan {plan.plan_id}\\); set budgets on the original"):
+        budget_for_checkpoint("50%", variant)
+    with pytest.raises(CheckpointError, match="apply plans on the original"):
+        plan.validate_for(variant)
+
+
+@pytest.mark.parametrize(
+    ("record", "problem"),
+    [
+        ({"experts_per_layer": [4, 4]}, "must map MoE layers to counts"),
+        ({"experts_per_layer": {"0": "four", "1": 4}}, "is malformed"),
+        ({"experts_per_layer": {"0": 4}}, r"names layers \[0\], but the MoE layers are \[0, 1, 2\]"),
+        ({"experts_per_layer": {"0": 4, "1": 1, "2": 4}}, "gives MoE layer 1 1 experts; expected 2 \\(top_k\\) to 8"),
+    ],
+)
+def test_malformed_export_record_is_refused(tiny_root, tmp_path, record, problem):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint("qwen3_moe", tiny_root), model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["moe_prune"] = record
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=problem):
+        Checkpoint.open(model_dir).experts_per_layer

@@ -15,6 +15,7 @@ from reference import pruned_reference_logprobs, tiny_checkpoint
 from vllm_engine import ENGINE_KWARGS, domain_prompts, max_abs_diff, reference_token_logprobs
 from vllm_moe_prune_plugins.offline import TracingLLM, prompt_logprobs
 from vllm_moe_prune.checkpoint import Checkpoint
+from vllm_moe_prune.export import export_pruned
 from vllm_moe_prune.plan import Plan
 
 pytestmark = pytest.mark.engine
@@ -83,6 +84,47 @@ def test_family_plan(family, uniform, tiny_root, tmp_path):
     full = reference_token_logprobs(pruned_reference_logprobs(model_dir, None, prompts), prompts)
     pruned = reference_token_logprobs(pruned_reference_logprobs(model_dir, result["plan"].kept, prompts), prompts)
     assert max_abs_diff(full, pruned) > 50 * LOGPROB_ATOL
+
+
+def test_non_uniform_export_serves_through_the_plugin(testbed, tmp_path):
+    """An export of a non-uniform plan serves two ways, equal to the pruned reference.
+
+    Through the flags of ``serve-args --model EXPORT`` (moe_prune loader, no plan), and
+    through a plain ``vllm.LLM(EXPORT)``: the export names the plugin's model class, which
+    builds each layer with the count the export recorded (as ``vllm serve EXPORT`` does).
+    """
+    from vllm import LLM
+
+    plan = make_plan(testbed, [12, 6, 9, 3], tmp_path / "plan.yaml", seed=3)
+    export = export_pruned(testbed, plan, tmp_path / "export")
+    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(testbed)
+    prompts = domain_prompts(testbed, tokenizer, per_domain=1, max_tokens=80)
+    want = reference_token_logprobs(pruned_reference_logprobs(testbed, plan.kept, prompts), prompts)
+
+    with TracingLLM(export, **ENGINE_KWARGS, enforce_eager=True) as engine:
+        engine.set_tracing(True)
+        via_serve_args = prompt_logprobs(engine.llm, prompts)
+        stats, info = engine.drain()
+        status = engine.status()
+    assert max_abs_diff(via_serve_args, want) < LOGPROB_ATOL
+    ckpt = Checkpoint.open(export)
+    assert info["bytes_read"] == ckpt.total_bytes
+    assert status["expert_bytes_resident"] == plan.predicted["routed_expert_bytes_kept"]
+    assert status["experts_per_layer"] == {str(k): v for k, v in plan.experts_per_layer.items()}
+    # Traced in the export's own ids: each layer routes to, and gives probability to,
+    # only the experts it holds, and its probability sums are a full distribution.
+    stats.validate()
+    assert stats.tokens == sum(len(p) for p in prompts)
+    for i, n in enumerate(plan.experts_per_layer.values()):
+        assert int(stats.counts[i, n:].sum()) == 0 and float(stats.prob_sum[i, n:].sum()) == 0.0
+        assert abs(float(stats.prob_sum[i].sum()) - stats.tokens) < 1e-3 * stats.tokens
+
+    llm = LLM(model=str(export), **ENGINE_KWARGS, enforce_eager=True)
+    try:
+        plain = prompt_logprobs(llm, prompts)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    assert max_abs_diff(plain, want) < LOGPROB_ATOL
 
 
 def test_tensor_parallel_two_workers(testbed, tmp_path, monkeypatch):

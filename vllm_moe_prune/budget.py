@@ -369,6 +369,7 @@ def budget_for_checkpoint(
     spec: str | BudgetSpec, ckpt: "Checkpoint", constraints: Constraints | None = None, *, uniform: bool = True
 ) -> Budget:
     """:func:`resolve_budget` with the byte sizes of a checkpoint's safetensors headers."""
+    ckpt.require_original("set budgets")
     shape = ckpt.shape
     constraints = constraints or Constraints.for_shape(shape)
     return resolve_budget(

@@ -19,10 +19,43 @@ from vllm_moe_prune.families import Config, MoEShape
 
 #: Largest safetensors header we accept; the format itself caps headers at 100 MB.
 _MAX_HEADER = 100 * 1024 * 1024
+#: config.json key under which an exported variant records its pruning (see export.py).
+PRUNED_CONFIG_KEY = "moe_prune"
 
 
 class CheckpointError(UserError):
     """The directory is not a readable safetensors checkpoint."""
+
+
+def recorded_expert_counts(config: Config, shape: MoEShape) -> dict[int, int] | None:
+    """Routed experts per MoE layer that an exported variant's config records, else None.
+
+    An export stores kept experts renumbered ``0..k-1`` per layer; the family's own
+    expert count in its config is the largest ``k``, so only this record says how many
+    experts each layer really holds (they differ for a non-uniform plan).
+    """
+    record = config.get(PRUNED_CONFIG_KEY)
+    if record is None:
+        return None
+    counts = record.get("experts_per_layer") if isinstance(record, dict) else None
+    if not isinstance(counts, dict):
+        raise CheckpointError(f"config.json: {PRUNED_CONFIG_KEY}.experts_per_layer must map MoE layers to counts")
+    try:
+        parsed = {int(layer): int(n) for layer, n in counts.items()}
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"config.json: {PRUNED_CONFIG_KEY}.experts_per_layer is malformed ({exc})") from exc
+    if sorted(parsed) != list(shape.moe_layers):
+        raise CheckpointError(
+            f"config.json: {PRUNED_CONFIG_KEY}.experts_per_layer names layers {sorted(parsed)}, "
+            f"but the MoE layers are {list(shape.moe_layers)}"
+        )
+    for layer, n in parsed.items():
+        if not shape.top_k <= n <= shape.num_experts:
+            raise CheckpointError(
+                f"config.json: {PRUNED_CONFIG_KEY}.experts_per_layer gives MoE layer {layer} {n} experts; "
+                f"expected {shape.top_k} (top_k) to {shape.num_experts}"
+            )
+    return parsed
 
 
 @dataclass(frozen=True)
@@ -106,6 +139,30 @@ class Checkpoint:
         digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
         return f"sha256:{digest[:32]}"
 
+    @cached_property
+    def experts_per_layer(self) -> dict[int, int]:
+        """Routed experts each MoE layer holds: all of them, or what an export kept."""
+        recorded = recorded_expert_counts(self.config, self.shape)
+        return recorded or {layer: self.shape.num_experts for layer in self.shape.moe_layers}
+
+    @property
+    def experts(self) -> dict[int, list[int]]:
+        """Ids of the routed experts each MoE layer holds (the "keep everything" plan)."""
+        return {layer: list(range(n)) for layer, n in self.experts_per_layer.items()}
+
+    @property
+    def is_export(self) -> bool:
+        """Whether this is a variant written by ``vllm-moe-prune export``."""
+        return self.config.get(PRUNED_CONFIG_KEY) is not None
+
+    def require_original(self, action: str) -> None:
+        """Refuse to ``action`` on an export: plans and budgets index the original experts."""
+        if self.is_export:
+            raise CheckpointError(
+                f"{self.path} is a pruned export (plan {self.config[PRUNED_CONFIG_KEY].get('plan_id')}); "
+                f"{action} on the original checkpoint it was exported from"
+            )
+
     def expert_nbytes(self, layer: int, expert: int) -> int:
         """Bytes of one routed expert's weights on disk (dtype-aware, from the header)."""
         total = 0
@@ -117,9 +174,8 @@ class Checkpoint:
 
     @cached_property
     def expert_bytes(self) -> list[list[int]]:
-        """``[moe layer][expert]`` byte sizes of every routed expert."""
-        shape = self.shape
-        return [[self.expert_nbytes(layer, e) for e in range(shape.num_experts)] for layer in shape.moe_layers]
+        """``[moe layer][expert]`` byte sizes of every routed expert this checkpoint holds."""
+        return [[self.expert_nbytes(layer, e) for e in ids] for layer, ids in self.experts.items()]
 
     @cached_property
     def total_bytes(self) -> int:

@@ -10,8 +10,10 @@ so the variant can always be traced back to the model and traces it came from.
 A uniform plan (the same count in every MoE layer) yields an ordinary checkpoint of the
 same family with a smaller expert count: transformers and stock vLLM load it. A
 non-uniform plan cannot be expressed with the single expert count every family's config
-has: its config carries the largest count plus ``"moe_prune": {"experts_per_layer": ...}``,
-and it loads through this project's vLLM plugin only.
+has: its config carries the largest count plus ``"moe_prune": {"experts_per_layer": ...}``
+and names the plugin's model class as its architecture, so it loads through this
+project's vLLM plugin only (``vllm serve OUT_DIR`` with the plugin installed, or the
+line ``vllm-moe-prune serve-args --model OUT_DIR`` prints).
 
 Weights are streamed: each tensor is read on its own from the safetensors files (pruned
 experts are never read) and output shards are flushed at ``max_shard_bytes``, so peak
@@ -29,7 +31,7 @@ import torch
 from safetensors.torch import save_file
 
 from vllm_moe_prune.atomic import atomic_directory
-from vllm_moe_prune.checkpoint import Checkpoint, CheckpointError
+from vllm_moe_prune.checkpoint import PRUNED_CONFIG_KEY, Checkpoint, CheckpointError
 from vllm_moe_prune.errors import UserError
 from vllm_moe_prune.plan import Plan
 from vllm_moe_prune.remap import read_kept_tensors
@@ -37,8 +39,6 @@ from vllm_moe_prune.remap import read_kept_tensors
 logger = logging.getLogger(__name__)
 
 PLAN_FILE = "moe_prune_plan.yaml"
-#: Config key of the pruning record; the plugin reads per-layer counts from it.
-CONFIG_KEY = "moe_prune"
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 #: Files of the source directory that the export rewrites or must not carry over.
 _NOT_COPIED = {"config.json", "model.safetensors.index.json", PLAN_FILE}
@@ -112,7 +112,11 @@ def pruned_config(ckpt: Checkpoint, plan: Plan) -> dict:
     keys = [key for key in family.experts_keys if config.get(key) is not None]
     for key in keys:
         config[key] = count
-    config[CONFIG_KEY] = {
+    if not plan.is_uniform:
+        # vLLM picks the model class by architecture: the plugin's class builds each layer
+        # with its recorded count, and vLLM without the plugin names the class it lacks.
+        config["architectures"] = [family.pruned_architecture]
+    config[PRUNED_CONFIG_KEY] = {
         "plan_id": plan.plan_id,
         "source_fingerprint": plan.fingerprint,
         "uniform": plan.is_uniform,

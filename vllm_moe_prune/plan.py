@@ -119,6 +119,7 @@ class Plan:
 
     def validate_for(self, ckpt: Checkpoint) -> None:
         """Fail closed unless this plan fits ``ckpt`` exactly."""
+        ckpt.require_original("apply plans")
         if self.fingerprint != ckpt.fingerprint:
             raise PlanError(
                 f"plan was made for model {self.fingerprint}, but {ckpt.path} is {ckpt.fingerprint}; "

@@ -67,7 +67,7 @@ def _serve_and_measure(model: Path, plan_path: Path | None, traffic: dict[str, l
     with TracingLLM(model, plan_path, dtype="float32", max_model_len=512, enforce_eager=eager, seed=0) as engine:
         startup = time.perf_counter() - started
         traced = trace_labelled(engine, traffic, 16, trace_dir, ckpt.fingerprint)
-        kept = plan.kept if plan else {layer: list(range(ckpt.shape.num_experts)) for layer in ckpt.shape.moe_layers}
+        kept = plan.kept if plan else ckpt.experts
         coverage = {domain: float(stats.kept_mass(kept).mean()) for domain, stats in traced.items()}
         tokens = sum(stats.tokens for stats in traced.values())
         ppl = {domain: perplexity(prompt_logprobs(engine.llm, seqs)) for domain, seqs in heldout.items()}

