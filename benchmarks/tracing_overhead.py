@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default=["stock", "capture", "sampling"],
                         help="engines to compare (stock is the baseline and always runs)")
     parser.add_argument("--sample-capacity", type=int, default=65536,
-                        help="sampling variant: ring rows (VLLM_MOE_PRUNE_SAMPLE_CAPACITY); 0 skips the variant")
+                        help="sampling variant: ring rows (MOE_PRUNE_SAMPLE_CAPACITY); 0 skips the variant")
     parser.add_argument("--sample-rate", type=float, default=0.01, help="sampling variant: share of tokens sampled")
     parser.add_argument("--micro-tokens", type=int, nargs="+", default=[1, 8, 64, 256, 2048],
                         help="token counts for the recording micro-benchmark")

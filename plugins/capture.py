@@ -174,7 +174,7 @@ class RoutingRecorder(nn.Module):
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"sample rate must be in [0, 1], got {rate}")
         if rate > 0 and self.sample_capacity == 0:
-            raise ValueError("sampling needs a sample capacity: start the server with VLLM_MOE_PRUNE_SAMPLE_CAPACITY set")
+            raise ValueError("sampling needs a sample capacity: start the server with MOE_PRUNE_SAMPLE_CAPACITY set")
         self.sample_rate.fill_(rate)
 
     def _drain_samples(self) -> tuple[torch.Tensor, torch.Tensor, int]:

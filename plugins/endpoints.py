@@ -8,8 +8,8 @@ Routes (JSON in, JSON out; bad requests get a 400 naming the problem):
 * ``POST /moe_prune/trace/dump``: flush now; returns the shard written (if any);
 * ``GET /moe_prune/trace/status``: state, counters, tracing health.
 
-A background task flushes every ``VLLM_MOE_PRUNE_FLUSH_INTERVAL`` seconds into
-``VLLM_MOE_PRUNE_TRACE_DIR`` (see settings.py), so a killed server loses at most one
+A background task flushes every ``MOE_PRUNE_FLUSH_INTERVAL`` seconds into
+``MOE_PRUNE_TRACE_DIR`` (see settings.py), so a killed server loses at most one
 interval. A flush whose write fails keeps its statistics and retries with the next one.
 Endpoint plugins load only when named in ``VLLM_PLUGINS`` (vLLM's rule for HTTP
 surface): ``vllm-moe-prune serve-args`` prints the right value.
@@ -244,7 +244,7 @@ class MoePruneEndpoints:
         @route("POST", "/moe_prune/trace/dump")
         async def dump(svc: TraceService, body: dict[str, Any]) -> dict[str, Any]:
             if svc.settings.trace_dir is None:
-                raise HTTPError(409, "no trace directory: start the server with VLLM_MOE_PRUNE_TRACE_DIR set")
+                raise HTTPError(409, "no trace directory: start the server with MOE_PRUNE_TRACE_DIR set")
             return {"shard": await svc.flush()}
 
         @route("GET", "/moe_prune/trace/status")

@@ -26,7 +26,7 @@ Where the values come from, and why there:
   built in every API server, which sees the same per-request timings as vLLM's own
   histograms.
 
-Routing series need tracing on (``VLLM_MOE_PRUNE_TRACE_ON_BOOT=1`` or ``POST
+Routing series need tracing on (``MOE_PRUNE_TRACE_ON_BOOT=1`` or ``POST
 /moe_prune/trace/start``): capture counts nothing while tracing is off, so coverage then
 stops advancing.
 """

@@ -61,7 +61,7 @@ class TracingLLM:
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         # Workers read it at model construction (settings.SampleSettings).
-        os.environ["VLLM_MOE_PRUNE_SAMPLE_CAPACITY"] = str(sample_capacity)
+        os.environ["MOE_PRUNE_SAMPLE_CAPACITY"] = str(sample_capacity)
         self.args = engine_args(model, plan)
         self.llm = LLM(**self.args, **llm_kwargs)
 

@@ -1,21 +1,23 @@
-"""The plugin's server-side settings, read from ``VLLM_MOE_PRUNE_*`` environment variables.
+"""The plugin's server-side settings, read from ``MOE_PRUNE_*`` environment variables.
 
-One module reads them, so every setting is documented here and nowhere else:
+One module reads them, so every setting is documented here and nowhere else. They are
+not named ``VLLM_*``: vLLM warns about every ``VLLM_*`` variable it does not define, and
+refuses to start on one when it validates its environment strictly.
 
-* ``VLLM_MOE_PRUNE_TRACE_DIR``: directory the server flushes trace shards into
+* ``MOE_PRUNE_TRACE_DIR``: directory the server flushes trace shards into
   (unset: tracing can still be started, and dumped over HTTP, but nothing is flushed);
-* ``VLLM_MOE_PRUNE_TRACE_ON_BOOT``: ``1`` to start tracing as soon as the server is up
+* ``MOE_PRUNE_TRACE_ON_BOOT``: ``1`` to start tracing as soon as the server is up
   (after vLLM's warm-up, which is never counted);
-* ``VLLM_MOE_PRUNE_FLUSH_INTERVAL``: seconds between periodic flushes (default 60); a
+* ``MOE_PRUNE_FLUSH_INTERVAL``: seconds between periodic flushes (default 60); a
   killed server loses at most this much traffic;
-* ``VLLM_MOE_PRUNE_TRACE_LABEL``: traffic label stored in every shard (default "default");
-* ``VLLM_MOE_PRUNE_SAMPLE_CAPACITY``: per-token samples held between two flushes (default
+* ``MOE_PRUNE_TRACE_LABEL``: traffic label stored in every shard (default "default");
+* ``MOE_PRUNE_SAMPLE_CAPACITY``: per-token samples held between two flushes (default
   0: sampling off; the buffer is allocated at start-up, so it is fixed for the server's life);
-* ``VLLM_MOE_PRUNE_SAMPLE_RATE``: share of traced tokens sampled (default 0.01 when a
+* ``MOE_PRUNE_SAMPLE_RATE``: share of traced tokens sampled (default 0.01 when a
   capacity is set);
-* ``VLLM_MOE_PRUNE_METRICS_INTERVAL``: seconds between refreshes of the routing series on
+* ``MOE_PRUNE_METRICS_INTERVAL``: seconds between refreshes of the routing series on
   ``/metrics`` (default 10; each refresh is one small RPC to the engine);
-* ``VLLM_MOE_PRUNE_METRICS_PER_EXPERT``: ``1`` to also export per-expert series (layers x
+* ``MOE_PRUNE_METRICS_PER_EXPERT``: ``1`` to also export per-expert series (layers x
   experts of them; off by default, like upstream vLLM keeps per-expert detail opt-in for
   cardinality).
 """
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 
 
 class SettingsError(ValueError):
-    """A ``VLLM_MOE_PRUNE_*`` variable has a value the plugin cannot use."""
+    """A ``MOE_PRUNE_*`` variable has a value the plugin cannot use."""
 
 
 def _flag(name: str) -> bool:
@@ -58,10 +60,10 @@ class TraceSettings:
     @classmethod
     def from_env(cls) -> "TraceSettings":
         return cls(
-            trace_dir=os.environ.get("VLLM_MOE_PRUNE_TRACE_DIR") or None,
-            on_boot=_flag("VLLM_MOE_PRUNE_TRACE_ON_BOOT"),
-            flush_interval=_seconds("VLLM_MOE_PRUNE_FLUSH_INTERVAL", "60"),
-            label=os.environ.get("VLLM_MOE_PRUNE_TRACE_LABEL", "default") or "default",
+            trace_dir=os.environ.get("MOE_PRUNE_TRACE_DIR") or None,
+            on_boot=_flag("MOE_PRUNE_TRACE_ON_BOOT"),
+            flush_interval=_seconds("MOE_PRUNE_FLUSH_INTERVAL", "60"),
+            label=os.environ.get("MOE_PRUNE_TRACE_LABEL", "default") or "default",
         )
 
 
@@ -72,17 +74,17 @@ class SampleSettings:
 
     @classmethod
     def from_env(cls) -> "SampleSettings":
-        raw_capacity = os.environ.get("VLLM_MOE_PRUNE_SAMPLE_CAPACITY", "0")
-        raw_rate = os.environ.get("VLLM_MOE_PRUNE_SAMPLE_RATE", "0.01")
+        raw_capacity = os.environ.get("MOE_PRUNE_SAMPLE_CAPACITY", "0")
+        raw_rate = os.environ.get("MOE_PRUNE_SAMPLE_RATE", "0.01")
         try:
             capacity, rate = int(raw_capacity), float(raw_rate)
         except ValueError:
             raise SettingsError(
-                f"VLLM_MOE_PRUNE_SAMPLE_CAPACITY={raw_capacity!r} / VLLM_MOE_PRUNE_SAMPLE_RATE={raw_rate!r}: "
+                f"MOE_PRUNE_SAMPLE_CAPACITY={raw_capacity!r} / MOE_PRUNE_SAMPLE_RATE={raw_rate!r}: "
                 "expected an integer and a number"
             ) from None
         if capacity < 0 or not 0.0 <= rate <= 1.0:
-            raise SettingsError("VLLM_MOE_PRUNE_SAMPLE_CAPACITY must be >= 0 and VLLM_MOE_PRUNE_SAMPLE_RATE in [0, 1]")
+            raise SettingsError("MOE_PRUNE_SAMPLE_CAPACITY must be >= 0 and MOE_PRUNE_SAMPLE_RATE in [0, 1]")
         return cls(capacity, rate if capacity else 0.0)
 
 
@@ -94,6 +96,6 @@ class MetricsSettings:
     @classmethod
     def from_env(cls) -> "MetricsSettings":
         return cls(
-            refresh_interval=_seconds("VLLM_MOE_PRUNE_METRICS_INTERVAL", "10"),
-            per_expert=_flag("VLLM_MOE_PRUNE_METRICS_PER_EXPERT"),
+            refresh_interval=_seconds("MOE_PRUNE_METRICS_INTERVAL", "10"),
+            per_expert=_flag("MOE_PRUNE_METRICS_PER_EXPERT"),
         )

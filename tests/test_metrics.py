@@ -111,11 +111,11 @@ def server(request, testbed, plan_file, tmp_path_factory):
     args = engine_args(testbed, plan_file)
     env = {
         **SERVER_ENV,
-        "VLLM_MOE_PRUNE_TRACE_DIR": str(trace_dir),
-        "VLLM_MOE_PRUNE_TRACE_ON_BOOT": "1",
-        "VLLM_MOE_PRUNE_FLUSH_INTERVAL": "3600",  # shards come from the test's dumps only
-        "VLLM_MOE_PRUNE_METRICS_INTERVAL": "0.5",
-        "VLLM_MOE_PRUNE_METRICS_PER_EXPERT": "1" if mode["per_expert"] else "0",
+        "MOE_PRUNE_TRACE_DIR": str(trace_dir),
+        "MOE_PRUNE_TRACE_ON_BOOT": "1",
+        "MOE_PRUNE_FLUSH_INTERVAL": "3600",  # shards come from the test's dumps only
+        "MOE_PRUNE_METRICS_INTERVAL": "0.5",
+        "MOE_PRUNE_METRICS_PER_EXPERT": "1" if mode["per_expert"] else "0",
     }
     srv = ApiServer(
         ["--model", args["model"], "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
@@ -269,12 +269,12 @@ def test_prometheus_and_compose_config():
 
 
 def test_metrics_settings(monkeypatch):
-    monkeypatch.delenv("VLLM_MOE_PRUNE_METRICS_INTERVAL", raising=False)
-    monkeypatch.delenv("VLLM_MOE_PRUNE_METRICS_PER_EXPERT", raising=False)
+    monkeypatch.delenv("MOE_PRUNE_METRICS_INTERVAL", raising=False)
+    monkeypatch.delenv("MOE_PRUNE_METRICS_PER_EXPERT", raising=False)
     assert MetricsSettings.from_env() == MetricsSettings(refresh_interval=10.0, per_expert=False)
-    monkeypatch.setenv("VLLM_MOE_PRUNE_METRICS_PER_EXPERT", "1")
+    monkeypatch.setenv("MOE_PRUNE_METRICS_PER_EXPERT", "1")
     assert MetricsSettings.from_env().per_expert
     for bad in ("0", "soon"):
-        monkeypatch.setenv("VLLM_MOE_PRUNE_METRICS_INTERVAL", bad)
-        with pytest.raises(SettingsError, match="VLLM_MOE_PRUNE_METRICS_INTERVAL"):
+        monkeypatch.setenv("MOE_PRUNE_METRICS_INTERVAL", bad)
+        with pytest.raises(SettingsError, match="MOE_PRUNE_METRICS_INTERVAL"):
             MetricsSettings.from_env()

@@ -24,8 +24,8 @@ MAX_TOKENS = 5
 def server(testbed, tmp_path_factory):
     trace_dir = tmp_path_factory.mktemp("traces")
     args = engine_args(testbed)
-    env = {**SERVER_ENV, "VLLM_MOE_PRUNE_TRACE_DIR": str(trace_dir), "VLLM_MOE_PRUNE_FLUSH_INTERVAL": "3",
-           "VLLM_MOE_PRUNE_TRACE_ON_BOOT": "1", "VLLM_MOE_PRUNE_TRACE_LABEL": "mixed"}
+    env = {**SERVER_ENV, "MOE_PRUNE_TRACE_DIR": str(trace_dir), "MOE_PRUNE_FLUSH_INTERVAL": "3",
+           "MOE_PRUNE_TRACE_ON_BOOT": "1", "MOE_PRUNE_TRACE_LABEL": "mixed"}
     srv = ApiServer(["--model", args["model"], "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
                      *server_flags(args)], env=env, log_path=trace_dir.parent / "server.log")
     try:

@@ -25,7 +25,7 @@ with this plugin's flags (`vllm-moe-prune serve-args`), with routing capture on 
 
   vllm-moe-prune replay --url http://127.0.0.1:8000 --requests requests.jsonl --label chat
 
-The shard lands in the server's VLLM_MOE_PRUNE_TRACE_DIR.
+The shard lands in the server's MOE_PRUNE_TRACE_DIR.
 """
 
 
