@@ -1,6 +1,7 @@
 """Helpers shared by the engine benchmarks (tracing_overhead, quality, serving).
 
-Not a benchmark itself. Engines are started one after another, never two at once, and
+Not a benchmark itself. Engines never generate at the same time (tracing_overhead keeps
+one engine per variant alive and lets them take turns; the others run one at a time), and
 every script that starts one must be run from a ``__main__`` guard (vLLM spawns its
 engine processes).
 """
