@@ -164,14 +164,14 @@ def micro_benchmark(token_counts: list[int], hidden_size: int, num_experts: int,
     does in a forward pass: eager (Python) and, at ``compile_tokens``, torch.compile'd
     the way vLLM compiles the model (inductor), against the same router work compiled.
     """
+    from vllm_moe_prune.families import FAMILIES, MoEShape
     from vllm_moe_prune_plugins.capture import RoutingRecorder
 
     torch.manual_seed(0)
-    layers = list(range(num_layers))
+    shape = MoEShape(FAMILIES["qwen3_moe"], tuple(range(num_layers)), num_experts, top_k, True, 1)
 
     def make(capacity: int = 0) -> RoutingRecorder:
-        rec = RoutingRecorder(layers, num_experts, top_k, max(token_counts), capacity) if capacity else \
-            RoutingRecorder(layers, num_experts, top_k, max(token_counts))
+        rec = RoutingRecorder(shape, max(token_counts), capacity)
         rec.set_active(True)
         if capacity:
             rec.set_sample_rate(sample_rate)
@@ -185,7 +185,7 @@ def micro_benchmark(token_counts: list[int], hidden_size: int, num_experts: int,
 
     def forward_record(rec: RoutingRecorder, hidden: torch.Tensor) -> None:
         for slot in range(num_layers):
-            rec.record(hidden, router, router_bias, kept, slot, True)
+            rec.record(hidden, router, router_bias, None, kept, slot)
 
     def forward_router(hidden: torch.Tensor) -> list[torch.Tensor]:  # the model's own routing, every layer
         return [torch.softmax(hidden @ router.t(), dim=-1).topk(top_k, dim=-1)[1] for _ in range(num_layers)]

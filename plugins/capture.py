@@ -11,9 +11,11 @@ in ORIGINAL expert ids, also on a pruned variant:
 
 * the full router (every original expert's row, kept on the model as a buffer) gives the
   full-softmax probabilities: ``prob_sum`` and, from it, live coverage of the kept set;
-* the routing the variant really performs (softmax over the kept experts' logits, top-k,
-  optional renormalisation) gives ``counts``, ``gate_sum`` and layer-to-layer
-  ``transitions``.
+* the routing the variant really performs, restricted to its kept experts (softmax or
+  DeepSeek-V3's sigmoid scores, DeepSeek's score-correction bias and grouped top-k,
+  top-k, optional renormalisation; see :meth:`RoutingRecorder.route`) gives ``counts``,
+  ``gate_sum`` (gate weights before DeepSeek's constant ``routed_scaling_factor``) and
+  layer-to-layer ``transitions``.
 
 Optional per-token sampling (off unless the server is started with a sample capacity):
 a random share of the traced tokens, chosen once per forward pass, has its top-k ids and
@@ -33,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vllm_moe_prune.families import MoEShape
 from vllm_moe_prune.stats import RoutingStats
 
 
@@ -68,14 +71,13 @@ class RoutingRecorder(nn.Module):
     at construction, so the compiled graph and CUDA graphs capture their addresses once.
     """
 
-    def __init__(
-        self, moe_layers: list[int], num_experts: int, top_k: int, max_tokens: int, sample_capacity: int = 0
-    ) -> None:
+    def __init__(self, shape: MoEShape, max_tokens: int, sample_capacity: int = 0) -> None:
         super().__init__()
-        self.moe_layers = tuple(moe_layers)
-        self.num_experts = num_experts
-        self.top_k = top_k
-        num_layers = len(moe_layers)
+        self.shape = shape
+        self.moe_layers = shape.moe_layers
+        self.num_experts = num_experts = shape.num_experts
+        self.top_k = top_k = shape.top_k
+        num_layers = len(shape.moe_layers)
         self.register_buffer("active", torch.zeros(1, dtype=torch.int64), persistent=False)
         self.register_buffer("tokens", torch.zeros(1, dtype=torch.int64), persistent=False)
         self.register_buffer("counts", torch.zeros(num_layers, num_experts, dtype=torch.int64), persistent=False)
@@ -106,42 +108,75 @@ class RoutingRecorder(nn.Module):
         )
         self.register_buffer("sample_count", torch.zeros(1, dtype=torch.int64), persistent=False)
 
+    def route(
+        self, logits: torch.Tensor, probs: torch.Tensor, score_bias: torch.Tensor | None, kept: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The variant's own choice among ``kept``: ``(ids [T, k] original ids, gates [T, k])``.
+
+        Softmax over the kept experts' logits is the full softmax restricted to them and
+        rescaled; DeepSeek-V3 scores each expert with a sigmoid and chooses by score plus
+        correction bias. With groups (``kept`` holds the same number of experts of every
+        group, in order), a token first picks ``topk_groups`` groups by their best (V2) or
+        two best (V3) choice scores, then its top-k experts inside them.
+        """
+        shape = self.shape
+        if shape.scoring == "sigmoid":
+            scores = logits[:, kept].sigmoid()
+        else:
+            scores = probs[:, kept]
+            scores = scores / scores.sum(dim=-1, keepdim=True)
+        choice = scores if score_bias is None else scores + score_bias[kept]
+        if shape.num_groups > 1:
+            grouped = choice.view(choice.shape[0], shape.num_groups, -1)
+            if shape.group_score == "top2_sum":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_scores = grouped.amax(dim=-1)
+            picked = group_scores.topk(shape.topk_groups, dim=-1).indices
+            allowed = torch.zeros_like(group_scores).scatter_(1, picked, 1.0)
+            choice = choice.masked_fill(allowed[:, :, None].expand_as(grouped).reshape_as(choice) == 0, float("-inf"))
+        local = choice.topk(self.top_k, dim=-1).indices
+        gates = scores.gather(1, local)
+        if shape.renormalise:
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+        return kept[local], gates
+
     def record(
-        self, hidden: torch.Tensor, router: torch.Tensor, router_bias: torch.Tensor, kept: torch.Tensor, slot: int,
-        renormalise: bool,
+        self, hidden: torch.Tensor, router: torch.Tensor, router_bias: torch.Tensor, score_bias: torch.Tensor | None,
+        kept: torch.Tensor, slot: int,
     ) -> None:
         """Add one MoE layer's routing of ``hidden [T, H]`` to the statistics at ``slot``.
 
         ``router [E, H]`` holds every expert's row and ``router_bias [E]`` is 0, or -inf
-        for an expert the checkpoint lacks; ``kept`` are the ids the variant routes to.
+        for an expert the checkpoint lacks; ``score_bias [E]`` is DeepSeek-V3's
+        ``e_score_correction_bias`` (None elsewhere); ``kept`` are the ids the variant
+        routes to.
 
         Plain tensor code: it is traced into vLLM's compiled graph and fused there. The
         first MoE layer of a forward pass fetches the token weights (the only opaque
         call) and picks the sampled tokens; the later layers reuse both.
 
-        The sums are weighted products rather than scatters: ``weights [T]`` times the
-        dense ``[T, E]`` rows of routed flags, gates and probabilities. Flags and token
-        weights are 0/1, so the float32 products are exact integers for any batch below
-        2**24 tokens; they are widened into the int64 / float64 totals once per step.
+        The sums are weighted reductions rather than scatters: ``weights [T]`` times the
+        dense ``[T, E]`` rows of routed flags, gates and probabilities (and, for
+        transitions, the previous layer's routed rows times this layer's). Flags and token
+        weights are 0/1, so the float32 sums are exact integers for any batch below 2**24
+        tokens; they are widened into the int64 / float64 totals once per step.
         """
         num_tokens = hidden.shape[0]
         if slot == 0:
             self.weights[:num_tokens] = torch.ops.moe_prune.token_weights(hidden, self.active)
         weight = self.weights[:num_tokens]
-        probs = (hidden.float() @ router.t() + router_bias).softmax(dim=-1)
-        # Softmax over the kept experts' logits is the full softmax restricted to them and
-        # rescaled, so top-k over ``kept_probs`` is the variant's own routing.
-        kept_probs = probs[:, kept]
-        top, local = kept_probs.topk(self.top_k, dim=-1)
-        gates = top / (top if renormalise else kept_probs).sum(dim=-1, keepdim=True)
-        ids = kept[local]
+        logits = hidden.float() @ router.t() + router_bias
+        probs = logits.softmax(dim=-1)
+        ids, gates = self.route(logits, probs, score_bias, kept)
         routed = torch.zeros_like(probs).scatter_(1, ids, 1.0)
         gated = torch.zeros_like(probs).scatter_(1, ids, gates)
-        sums = weight @ torch.cat([routed, gated, probs], dim=1)
-        experts = self.num_experts
-        self.counts[slot] += sums[:experts].round().long()
-        self.gate_sum[slot] += sums[experts:2 * experts].double()
-        self.prob_sum[slot] += sums[2 * experts:].double()
+        # Three fused reductions, not one product over a concatenation: inductor (torch
+        # 2.13) reuses a concatenation's memory while views of it are still read later.
+        column = weight[:, None]
+        self.counts[slot] += (routed * column).sum(dim=0).round().long()
+        self.gate_sum[slot] += (gated * column).sum(dim=0).double()
+        self.prob_sum[slot] += (probs * column).sum(dim=0).double()
         if slot > 0:
             pairs = (self.last_routed[:num_tokens] * weight[:, None]).t() @ routed
             self.transitions[slot - 1] += pairs.round().long()

@@ -1,4 +1,5 @@
-"""Prunable, traceable variants of vLLM's MoE model classes, one per supported family.
+"""Prunable, traceable variants of vLLM's MoE model classes, one per supported family
+(Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, DeepSeek-V2, DeepSeek-V3).
 
 vLLM reads ONE expert count from the config for every layer. Each class here subclasses
 vLLM's own model class and changes two things, nothing else:
@@ -55,6 +56,12 @@ BINDINGS: dict[str, VllmBinding] = {
     "qwen2_moe": VllmBinding("vllm.model_executor.models.qwen2_moe", "Qwen2MoeForCausalLM", "Qwen2MoeDecoderLayer", "mlp"),
     "mixtral": VllmBinding("vllm.model_executor.models.mixtral", "MixtralForCausalLM", "MixtralDecoderLayer", "block_sparse_moe"),
     "olmoe": VllmBinding("vllm.model_executor.models.olmoe", "OlmoeForCausalLM", "OlmoeDecoderLayer", "mlp"),
+    "deepseek_v2": VllmBinding(
+        "vllm.model_executor.models.deepseek_v2", "DeepseekV2ForCausalLM", "DeepseekV2DecoderLayer", "mlp"
+    ),
+    "deepseek_v3": VllmBinding(
+        "vllm.model_executor.models.deepseek_v2", "DeepseekV3ForCausalLM", "DeepseekV2DecoderLayer", "mlp"
+    ),
 }
 
 
@@ -94,18 +101,19 @@ class _TracedMoEBlock:
     """Mixin put in front of a family's MoE block class: record routing, then compute."""
 
     moe_prune_slot: int
-    moe_prune_renormalise: bool
+    #: DeepSeek-V3's e_score_correction_bias of every original expert (a buffer), else None.
+    moe_prune_score_bias: torch.Tensor | None
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self.moe_prune_recorder.record(
             hidden_states.reshape(-1, hidden_states.shape[-1]),
             self.moe_prune_router,
             self.moe_prune_router_bias,
+            self.moe_prune_score_bias,
             self.moe_prune_kept,
             self.moe_prune_slot,
-            self.moe_prune_renormalise,
         )
-        return super().forward(hidden_states)
+        return super().forward(hidden_states, *args, **kwargs)
 
 
 def _make_pruned_class(model_type: str) -> type[nn.Module]:
@@ -150,8 +158,7 @@ def _make_pruned_class(model_type: str) -> type[nn.Module]:
             self.moe_prune_held = held_experts_per_layer(config, shape)
             sampling = SampleSettings.from_env()
             self.moe_prune_recorder = RoutingRecorder(
-                list(shape.moe_layers), shape.num_experts, shape.top_k,
-                vllm_config.scheduler_config.max_num_batched_tokens, sampling.capacity,
+                shape, vllm_config.scheduler_config.max_num_batched_tokens, sampling.capacity
             )
             if sampling.capacity:
                 self.moe_prune_recorder.set_sample_rate(sampling.rate)
@@ -162,7 +169,6 @@ def _make_pruned_class(model_type: str) -> type[nn.Module]:
                 block = getattr(decoder_layer, binding.moe_attr)
                 block.__class__ = traced(type(block))
                 block.moe_prune_slot = slot
-                block.moe_prune_renormalise = shape.renormalise
                 # A plain attribute, not a submodule: the recorder belongs to the model.
                 object.__setattr__(block, "moe_prune_recorder", self.moe_prune_recorder)
                 block.register_buffer(
@@ -177,6 +183,12 @@ def _make_pruned_class(model_type: str) -> type[nn.Module]:
                 block.register_buffer(
                     "moe_prune_kept", torch.arange(counts[layer], dtype=torch.int64), persistent=False
                 )
+                if family.router_extras:
+                    block.register_buffer(
+                        "moe_prune_score_bias", torch.zeros(shape.num_experts, dtype=torch.float32), persistent=False
+                    )
+                else:
+                    block.moe_prune_score_bias = None
 
         def moe_prune_blocks(self) -> Iterator[tuple[int, nn.Module]]:
             """(decoder layer index, traced MoE block) of the MoE layers on this rank."""
@@ -213,6 +225,9 @@ def _make_pruned_class(model_type: str) -> type[nn.Module]:
                     block.moe_prune_router[:rows].copy_(tensor.float())
                     block.moe_prune_router_bias[rows:] = float("-inf")
                     block.moe_prune_kept.copy_(torch.tensor(layout.kept[layer]))
+                layer = layout.router_extra_layer(name)
+                if layer is not None and layer in blocks:
+                    blocks[layer].moe_prune_score_bias[: tensor.shape[0]].copy_(tensor.float())
                 yield remap.name, remap.apply(tensor)
 
         def _moe_prune_layout(self, kept: dict[int, list[int]]) -> PrunedLayout:

@@ -1,8 +1,11 @@
 """Routing statistics computed independently with transformers, for capture tests.
 
-transformers returns every MoE layer's router logits (``output_router_logits``); from
-them this module counts top-k hits, sums full-softmax probabilities and applied gate
-weights, and counts layer-to-layer transitions, with none of the plugin's code.
+Every transformers MoE family here routes through a ``mlp.gate`` module that returns
+``(router_logits, top-k weights, top-k ids)``. A forward hook on it sees what the model
+really routes to (also with tests/reference.py's pruning hooks, registered before it), and
+this module counts top-k hits, sums full-softmax probabilities and gate weights (DeepSeek's
+constant ``routed_scaling_factor`` divided out), and counts layer-to-layer transitions,
+with none of the plugin's code.
 """
 
 from __future__ import annotations
@@ -19,23 +22,31 @@ def reference_stats(model, shape: MoEShape, sequences: list[list[int]]) -> dict[
     prob_sum = torch.zeros(num_layers, num_experts, dtype=torch.float64)
     gate_sum = torch.zeros(num_layers, num_experts, dtype=torch.float64)
     transitions = torch.zeros(num_layers - 1, num_experts, num_experts, dtype=torch.int64)
+    scale = float(getattr(model.config, "routed_scaling_factor", 1.0) or 1.0)
+    routed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    hooks = [
+        model.model.layers[layer].mlp.gate.register_forward_hook(lambda m, a, out: routed.append(out[:3]))
+        for layer in shape.moe_layers
+    ]
     tokens = 0
-    for ids in sequences:
-        out = model(torch.tensor([ids]), output_router_logits=True)
-        previous = None
-        for slot, logits in enumerate(out.router_logits):
-            probs = logits.float().softmax(dim=-1)
-            gates, chosen = probs.topk(k, dim=-1)
-            if shape.renormalise:
-                gates = gates / gates.sum(dim=-1, keepdim=True)
-            for t in range(chosen.shape[0]):
-                for j in range(k):
-                    counts[slot, chosen[t, j]] += 1
-                    gate_sum[slot, chosen[t, j]] += float(gates[t, j])
-                    if previous is not None:
-                        for i in range(k):
-                            transitions[slot - 1, previous[t, i], chosen[t, j]] += 1
-            prob_sum[slot] += probs.sum(dim=0).double()
-            previous = chosen
-        tokens += len(ids)
+    try:
+        for ids in sequences:
+            routed.clear()
+            model(torch.tensor([ids]))
+            previous = None
+            for slot, (logits, weights, chosen) in enumerate(routed):
+                gates = weights.float() / scale
+                for t in range(chosen.shape[0]):
+                    for j in range(k):
+                        counts[slot, chosen[t, j]] += 1
+                        gate_sum[slot, chosen[t, j]] += float(gates[t, j])
+                        if previous is not None:
+                            for i in range(k):
+                                transitions[slot - 1, previous[t, i], chosen[t, j]] += 1
+                prob_sum[slot] += logits.float().softmax(dim=-1).sum(dim=0).double()
+                previous = chosen
+            tokens += len(ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
     return {"tokens": torch.tensor(tokens), "counts": counts, "prob_sum": prob_sum, "gate_sum": gate_sum, "transitions": transitions}

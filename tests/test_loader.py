@@ -1,7 +1,8 @@
 """Serving pruned variants from the original checkpoint through --load-format moe_prune.
 
 Every served variant's prompt log-probabilities are compared with transformers running
-the same pruned model (tests/reference.py: router restricted to the kept experts).
+the same pruned model (tests/reference.py: router restricted to the kept experts), and
+its routing capture with what that model routes (tests/routing_reference.py).
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from reference import pruned_reference_logprobs, tiny_checkpoint
+import torch
+
+from reference import load_float32, pruned_reference_logprobs, restrict_routing, tiny_checkpoint
+from routing_reference import reference_stats
 from vllm_engine import ENGINE_KWARGS, domain_prompts, max_abs_diff, reference_token_logprobs
 from vllm_moe_prune_plugins.offline import TracingLLM, prompt_logprobs
 from vllm_moe_prune.checkpoint import Checkpoint
@@ -25,10 +29,16 @@ LOGPROB_ATOL = 2e-3
 
 
 def make_plan(model_dir: Path, counts: list[int], path: Path, seed: int = 0) -> Plan:
-    """A plan keeping ``counts[i]`` pseudo-random experts of the i-th MoE layer."""
+    """A plan keeping ``counts[i]`` pseudo-random experts of the i-th MoE layer (as many of
+    every routing group: DeepSeek routes inside groups)."""
     ckpt = Checkpoint.open(model_dir)
+    shape = ckpt.shape
+    size = shape.num_experts // shape.num_groups
     rng = random.Random(seed)
-    kept = {layer: rng.sample(range(ckpt.shape.num_experts), n) for layer, n in zip(ckpt.shape.moe_layers, counts)}
+    kept = {
+        layer: [g * size + e for g in range(shape.num_groups) for e in rng.sample(range(size), n // shape.num_groups)]
+        for layer, n in zip(shape.moe_layers, counts)
+    }
     plan = Plan.for_checkpoint(ckpt, kept, "test")
     plan.save(path)
     return plan
@@ -68,22 +78,42 @@ def test_testbed_non_uniform_plan(testbed, tmp_path):
     assert float(stats.kept_mass(plan.kept).min()) < 1.0
 
 
+#: Non-uniform kept counts per MoE layer; DeepSeek's are whole groups (V2: 4 groups of 2
+#: experts, 2 picked per token; V3: 2 groups of 4, 1 picked, ranked by its two best).
+NON_UNIFORM = {"qwen3_moe": [7, 5, 3], "qwen2_moe": [7, 5, 3], "mixtral": [7, 5, 3], "olmoe": [7, 5, 3],
+               "deepseek_v2": [8, 4], "deepseek_v3": [6, 4]}
+#: Grouped routing's capture is also run compiled (the testbed's softmax routing is in test_capture).
+COMPILED = {"deepseek_v2", "deepseek_v3"}
+
+
 @pytest.mark.parametrize("uniform", [False, True], ids=["non-uniform", "uniform"])
-@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"])
+@pytest.mark.parametrize("family", list(NON_UNIFORM))
 def test_family_plan(family, uniform, tiny_root, tmp_path):
+    """Every served family: logprobs equal the pruned reference, and its routing capture
+    (original ids, the family's own routing rule) equals what transformers routes."""
     model_dir = tiny_checkpoint(family, tiny_root)
     ckpt = Checkpoint.open(model_dir)
-    layers = range(len(ckpt.shape.moe_layers))
-    counts = [4 for _ in layers] if uniform else [ckpt.shape.num_experts - 1 - 2 * i for i in layers]
-    make_plan(model_dir, counts, tmp_path / "plan.yaml", seed=1)
+    counts = [4] * len(ckpt.shape.moe_layers) if uniform else NON_UNIFORM[family]
+    assert len(counts) == len(ckpt.shape.moe_layers)
+    plan = make_plan(model_dir, counts, tmp_path / "plan.yaml", seed=1)
     rng = random.Random(0)
     prompts = [[rng.randrange(2, 400) for _ in range(n)] for n in (17, 40, 29)]
-    result = serve_and_compare(model_dir, tmp_path / "plan.yaml", prompts, enforce_eager=True)
+    eager = uniform or family not in COMPILED
+    result = serve_and_compare(model_dir, tmp_path / "plan.yaml", prompts, enforce_eager=eager)
     assert result["diff"] < LOGPROB_ATOL
     # The reference itself must be able to fail: pruning changes this model's output.
     full = reference_token_logprobs(pruned_reference_logprobs(model_dir, None, prompts), prompts)
-    pruned = reference_token_logprobs(pruned_reference_logprobs(model_dir, result["plan"].kept, prompts), prompts)
+    pruned = reference_token_logprobs(pruned_reference_logprobs(model_dir, plan.kept, prompts), prompts)
     assert max_abs_diff(full, pruned) > 50 * LOGPROB_ATOL
+    model = load_float32(model_dir)
+    restrict_routing(model, ckpt.shape, plan.kept)
+    expected = reference_stats(model, ckpt.shape, prompts)
+    stats = result["stats"]
+    assert stats.tokens == int(expected["tokens"])
+    assert torch.equal(stats.counts, expected["counts"])
+    assert torch.equal(stats.transitions, expected["transitions"])
+    torch.testing.assert_close(stats.prob_sum, expected["prob_sum"], rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(stats.gate_sum, expected["gate_sum"], rtol=1e-4, atol=1e-3)
 
 
 def test_non_uniform_export_serves_through_the_plugin(testbed, tmp_path):

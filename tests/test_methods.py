@@ -423,7 +423,7 @@ def test_every_method_respects_constraints_and_is_deterministic(name):
     constraints = Constraints(2, num_groups=2, pinned_experts={1: [5]}, pinned_layers=frozenset({4}))
     budget = resolve_budget("50%", [[10] * 8] * 3, constraints, [1, 2, 4], uniform=spec.uniform)
     kept = spec.fn(stats, signals, budget, constraints)
-    shape = MoEShape(FAMILIES["qwen3_moe"], (1, 2, 4), 8, 2, True, 2)
+    shape = MoEShape(FAMILIES["qwen3_moe"], (1, 2, 4), 8, 2, True, 2, topk_groups=2)
     validate_kept(shape, kept, constraints.pinned_experts)  # top_k floor, groups balanced, pins kept
     assert kept[4] == list(range(8))
     if spec.uniform:

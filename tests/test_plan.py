@@ -101,3 +101,31 @@ def test_save_is_atomic(ckpt, tmp_path, monkeypatch):
         Plan.for_checkpoint(ckpt, _kept(ckpt, 5), "frequency").save(tmp_path / "p.yaml")
     assert (tmp_path / "p.yaml").read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.yaml"]
+
+
+@pytest.mark.parametrize(
+    ("family", "kept", "message"),
+    [
+        ("deepseek_v3", [0, 4], r"keeps 1 experts per group; .* ranked by their two best experts, .* at least 2"),
+        ("deepseek_v3", [0, 1, 2, 4], r"same number of kept experts in every group, got \[3, 1\]"),
+        ("deepseek_v2", [0, 2, 4], r"same number of kept experts in every group, got \[1, 1, 1, 0\]"),
+    ],
+)
+def test_grouped_routing_floors(tiny_root, family, kept, message):
+    """DeepSeek routes inside groups: every group keeps the same number, and enough of them."""
+    ckpt = Checkpoint.open(tiny_checkpoint(family, tiny_root))
+    with pytest.raises(PlanError, match=message):
+        Plan.for_checkpoint(ckpt, {layer: kept for layer in ckpt.shape.moe_layers}, "test")
+
+
+def test_grouped_routing_floor_reaches_the_planner(tiny_root):
+    from vllm_moe_prune.budget import Constraints
+
+    v3 = Checkpoint.open(tiny_checkpoint("deepseek_v3", tiny_root)).shape  # 2 groups of 4, 1 picked, top-2
+    v2 = Checkpoint.open(tiny_checkpoint("deepseek_v2", tiny_root)).shape  # 4 groups of 2, 2 picked, top-2
+    assert (v3.min_kept_per_group, v2.min_kept_per_group) == (2, 1)
+    assert Constraints.for_shape(v3).min_experts(v3.moe_layers[0], v3.num_experts) == 4
+    assert Constraints.for_shape(v2).min_experts(v2.moe_layers[0], v2.num_experts) == 4
+    # V2 with 1 per group (4 kept) is servable: top-2 picked inside 2 groups of 1.
+    Plan.for_checkpoint(Checkpoint.open(tiny_checkpoint("deepseek_v2", tiny_root)),
+                        {layer: [0, 2, 4, 6] for layer in v2.moe_layers}, "test")

@@ -83,13 +83,15 @@ class Constraints:
     ``top_k``: the router must still find ``top_k`` experts in every layer.
     ``num_groups``: grouped top-k routing (DeepSeek): every group keeps the same number
     of experts, so per-layer counts are multiples of it; expert ``e`` is in group
-    ``e // (num_experts // num_groups)``. ``pinned_experts``: decoder layer index ->
+    ``e // (num_experts // num_groups)``; ``min_per_group``: the fewest a group may keep
+    (:attr:`MoEShape.min_kept_per_group`). ``pinned_experts``: decoder layer index ->
     expert ids that must be kept. ``pinned_layers``: decoder layer indices kept whole
     (their experts count against the budget).
     """
 
     top_k: int
     num_groups: int = 1
+    min_per_group: int = 1
     pinned_experts: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
     pinned_layers: frozenset[int] = frozenset()
 
@@ -106,7 +108,9 @@ class Constraints:
         pinned_layers: Sequence[int] = (),
     ) -> "Constraints":
         """The constraints of a checkpoint's routing shape plus the user's pins, validated."""
-        constraints = cls(shape.top_k, shape.num_groups, dict(pinned_experts or {}), frozenset(pinned_layers))
+        constraints = cls(
+            shape.top_k, shape.num_groups, shape.min_kept_per_group, dict(pinned_experts or {}), frozenset(pinned_layers)
+        )
         constraints.validate(shape.moe_layers, shape.num_experts)
         return constraints
 
@@ -142,7 +146,7 @@ class Constraints:
         pins_per_group = [0] * self.num_groups
         for e in self.pinned_in(layer):
             pins_per_group[e // size] += 1
-        per_group = max(-(-self.top_k // self.num_groups), max(pins_per_group))
+        per_group = max(-(-self.top_k // self.num_groups), self.min_per_group, max(pins_per_group))
         return per_group * self.num_groups
 
 

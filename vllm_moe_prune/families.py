@@ -88,6 +88,24 @@ class MoEFamily:
         """Expert groups of grouped top-k routing (DeepSeek); 1 elsewhere."""
         return int(config.get("n_group") or 1) if self.model_type.startswith("deepseek") else 1
 
+    def topk_groups(self, config: Config) -> int:
+        """Groups a token may pick experts from under grouped top-k routing (DeepSeek)."""
+        return int(config.get("topk_group") or 1) if self.model_type.startswith("deepseek") else 1
+
+    def scoring(self, config: Config) -> str:
+        """``softmax`` or ``sigmoid``: how router logits become expert scores.
+
+        transformers scores DeepSeek-V3 with a sigmoid whatever the config says; the
+        released V3 configs say so too, which is what vLLM follows.
+        """
+        if self.model_type == "deepseek_v3":
+            return "sigmoid"
+        return str(config.get("scoring_func") or "softmax") if self.model_type == "deepseek_v2" else "softmax"
+
+    def group_score(self, config: Config) -> str:
+        """How a group is ranked: its best expert (``max``) or its best two (``top2_sum``, V3)."""
+        return "top2_sum" if self.model_type == "deepseek_v3" else "max"
+
     def router_name(self, layer: int) -> str:
         return self.router.format(layer=layer)
 
@@ -199,6 +217,20 @@ class MoEShape:
     top_k: int
     renormalise: bool
     num_groups: int
+    topk_groups: int = 1
+    scoring: str = "softmax"
+    group_score: str = "max"
+
+    @property
+    def min_kept_per_group(self) -> int:
+        """Fewest experts a group may keep under grouped routing (1 without groups).
+
+        A token picks its top_k experts inside ``topk_groups`` groups, so each group needs
+        ``ceil(top_k / topk_groups)``; groups ranked by their two best experts (V3) need 2.
+        """
+        if self.num_groups == 1:
+            return 1
+        return max(-(-self.top_k // self.topk_groups), 2 if self.group_score == "top2_sum" else 1)
 
     @classmethod
     def from_config(cls, config: Config) -> "MoEShape":
@@ -213,4 +245,7 @@ class MoEShape:
             top_k=family.top_k(config),
             renormalise=family.renormalises(config),
             num_groups=family.num_groups(config),
+            topk_groups=family.topk_groups(config),
+            scoring=family.scoring(config),
+            group_score=family.group_score(config),
         )

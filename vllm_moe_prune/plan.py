@@ -70,6 +70,13 @@ def validate_kept(shape: MoEShape, kept: dict[int, list[int]], pinned: dict[int,
                     f"layer {layer}: grouped routing needs the same number of kept experts in every "
                     f"group, got {counts} across {shape.num_groups} groups"
                 )
+            if counts[0] < shape.min_kept_per_group:
+                raise PlanError(
+                    f"layer {layer}: keeps {counts[0]} experts per group; a token picks top_k={shape.top_k} "
+                    f"inside {shape.topk_groups} of {shape.num_groups} groups"
+                    + (" ranked by their two best experts" if shape.group_score == "top2_sum" else "")
+                    + f", so every group needs at least {shape.min_kept_per_group}"
+                )
         if pinned and layer in pinned:
             lost = sorted(set(pinned[layer]) - set(ids))
             if lost:

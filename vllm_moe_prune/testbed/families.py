@@ -73,6 +73,13 @@ _MLA: dict[str, Any] = {
     "qk_rope_head_dim": 64,
     "qk_nope_head_dim": 64,
     "v_head_dim": 64,
+    # YaRN, shaped like every released DeepSeek-V2/V3 config (factor 40 over 4096 there).
+    # It also keeps vLLM's CPU build on its correct rotary path: its fused rotary kernel
+    # mis-rotates MLA's 3-D query and strided key, which plain-rope MLA would use.
+    "rope_scaling": {
+        "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128,
+        "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707,
+    },
 }
 
 #: Per family: the config beyond :data:`_COMMON`. Each picks the routing variant its real
