@@ -20,6 +20,7 @@ from vllm.config.load import LoadConfig
 from vllm.logger import init_logger
 from vllm.model_executor.model_loader import register_model_loader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+from vllm.platforms import current_platform
 
 from vllm_moe_prune.checkpoint import Checkpoint
 from vllm_moe_prune.errors import UserError
@@ -34,6 +35,16 @@ logger = init_logger(__name__)
 
 class MoePruneConfigError(UserError):
     """The engine configuration does not match the plan or the plugin's limits."""
+
+
+def _rope_type(config: dict) -> str:
+    """The rope variant of a config, written either way transformers has written it."""
+    for key in ("rope_scaling", "rope_parameters"):
+        value = config.get(key) or {}
+        kind = value.get("rope_type") or value.get("type")
+        if kind:
+            return str(kind)
+    return "default"
 
 
 @register_model_loader(LOAD_FORMAT)
@@ -67,6 +78,13 @@ class MoePruneModelLoader(DefaultModelLoader):
                 f"--load-format {LOAD_FORMAT} needs the plugin's model class: add "
                 f"--hf-overrides '{{\"architectures\": [\"{shape.family.pruned_architecture}\"], ...}}' "
                 "(`vllm-moe-prune serve-args` prints the whole line)"
+            )
+        if shape.family.model_type.startswith("deepseek") and current_platform.is_cpu() \
+                and _rope_type(ckpt.config) == "default":
+            raise MoePruneConfigError(
+                f"{ckpt.path}: DeepSeek without rope scaling is computed wrongly by vLLM's CPU build (its "
+                "fused rotary kernel mis-rotates MLA's query and key); released DeepSeek configs use YaRN "
+                "rope_scaling, which takes vLLM's correct path"
             )
         if vllm_config.parallel_config.enable_expert_parallel:
             raise MoePruneConfigError(

@@ -197,3 +197,23 @@ def test_expert_parallel_is_refused(testbed, tmp_path, capfd):
         LLM(**engine_args(testbed), **ENGINE_KWARGS, enforce_eager=True, enable_expert_parallel=True)
     captured = capfd.readouterr()
     assert "expert parallelism" in captured.out + captured.err
+
+
+def test_plain_rope_deepseek_is_refused_on_cpu(tiny_root, tmp_path, capfd):
+    """vLLM's CPU build computes plain-rope MLA wrongly: refuse rather than serve it."""
+    import json
+    import shutil
+
+    from vllm import LLM
+
+    from vllm_moe_prune.serving import engine_args
+
+    model_dir = tmp_path / "plain-rope"
+    shutil.copytree(tiny_checkpoint("deepseek_v2", tiny_root), model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["rope_parameters"] = {"rope_theta": 10000.0, "rope_type": "default"}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(Exception):
+        LLM(**engine_args(model_dir), **ENGINE_KWARGS, enforce_eager=True)
+    captured = capfd.readouterr()
+    assert "DeepSeek without rope scaling is computed wrongly by vLLM's CPU build" in captured.out + captured.err
