@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-profile", action="store_true",
                         help="skip the in-engine torch.profiler runs (one extra stock and capture engine)")
     parser.add_argument("--output", type=Path, default=RESULTS, help="directory for tracing_overhead.json/.md")
+    parser.add_argument("--results-name", default="tracing_overhead",
+                        help="file name (without extension) of the results in --output")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     parser.add_argument("--render-only", action="store_true",
                         help="rebuild tracing_overhead.md from the existing tracing_overhead.json; run nothing")
@@ -237,7 +239,8 @@ def micro_benchmark(token_counts: list[int], hidden_size: int, num_experts: int,
     total = sum(e.self_cpu_time_total for e in events)
     top = [{"op": e.key, "calls_per_record": e.count / per, "self_us_per_record": e.self_cpu_time_total / per,
             "share": e.self_cpu_time_total / total} for e in events[:12]]
-    return {"rows": rows, "compiled": compiled, "profile_tokens": profile_tokens, "profile_top": top,
+    return {"dims": {"hidden": hidden_size, "experts": num_experts, "top_k": top_k, "layers": num_layers},
+            "rows": rows, "compiled": compiled, "profile_tokens": profile_tokens, "profile_top": top,
             "profile_self_us_per_record": total / per, "aten_ops_per_record": sum(e.count for e in events) / per}
 
 
@@ -332,8 +335,11 @@ def summarise(engines: list[dict[str, Any]], baseline: str = "stock") -> dict[st
 def markdown(summary: dict[str, Any], micro: dict[str, Any], config: dict[str, Any], startups: dict[str, list[float]],
              estimate: dict[str, Any], sampling_note: str) -> str:
     mode = "eager" if config["eager"] else "torch.compile (default mode)"
+    testbed = Path(config["model"]).parts[-2:] == TESTBED_MODEL.parts[-2:]  # also in another checkout
+    model = "the testbed" if testbed else f"`{Path(config['model']).name}`"
+    dims = micro.get("dims", {"hidden": 128, "experts": 16, "top_k": 2, "layers": 4})
     lines = [
-        f"Tracing overhead on the testbed ({mode}, float32): {config['prompts']} prompts x {config['max_tokens']} "
+        f"Tracing overhead on {model} ({mode}, float32): {config['prompts']} prompts x {config['max_tokens']} "
         f"generated tokens per round, greedy, ignore_eos; {config['reps']} repetitions, each starting one engine "
         f"per variant and keeping them all alive while they take turns (A B, B A, ...) for {config['rounds']} timed "
         "rounds per setting. Ratio: round i of the setting / round i of stock in the same repetition (neighbours "
@@ -380,8 +386,9 @@ def markdown(summary: dict[str, Any], micro: dict[str, Any], config: dict[str, A
     lines += ["Engine start-up (s): " + "; ".join(f"{k} {', '.join(f'{v:.0f}' for v in vals)}"
                                                   for k, vals in startups.items()), ""]
     lines += [
-        "Where the time goes. (1) `RoutingRecorder.record` for all 4 MoE layers of one forward pass, timed alone on "
-        "one CPU thread (hidden 128, 16 experts, top-2), per layer; `router` is the routing the model computes per "
+        f"Where the time goes. (1) `RoutingRecorder.record` for all {dims['layers']} MoE layers of one forward pass, "
+        f"timed alone on one CPU thread (hidden {dims['hidden']}, {dims['experts']} experts, top-{dims['top_k']}), "
+        "per layer; `router` is the routing the model computes per "
         "layer anyway (logits, softmax, top-k), for scale; `with sampling`: a recorder with a sample ring.",
         "",
         "| tokens per forward | record, eager (us per layer) | with sampling, eager (us per layer) | router, eager (us per layer) |",
@@ -437,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     if args.render_only:
-        data = json.loads((args.output / "tracing_overhead.json").read_text())
+        data = json.loads((args.output / f"{args.results_name}.json").read_text())
         startups: dict[str, list[float]] = {}
         for e in data["engines"]:
             startups.setdefault(e["variant"], []).append(e["startup_s"])
@@ -445,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
                          data["sampling_note"]) + f"Run time: {data['elapsed_s'] / 60:.1f} min.\n"
         print(table)
         if not args.no_write:
-            write_text_atomic(args.output / "tracing_overhead.md", table)
+            write_text_atomic(args.output / f"{args.results_name}.md", table)
         return 0
     per_domain = -(-args.prompts // len(DOMAINS))
     traffic = traffic_ids(args.model, DOMAINS, per_domain)
@@ -486,15 +493,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"    {name:14s} output tok/s: " + ", ".join(f"{r['output_tok_s']:.0f}" for r in rounds), flush=True)
     summary = summarise(engines)
     if not args.no_write:  # keep the engine measurements even if a later step fails
-        write_text_atomic(args.output / "tracing_overhead.partial.json",
+        write_text_atomic(args.output / f"{args.results_name}.partial.json",
                           json.dumps({"summary": summary, "engines": engines}, indent=2) + "\n")
     print("micro-benchmark of RoutingRecorder.record", flush=True)
-    micro = micro_benchmark(args.micro_tokens, 128, 16, 2, 4,
-                            args.sample_capacity if can_sample else 0, args.sample_rate)
-
     from vllm_moe_prune.checkpoint import Checkpoint
 
-    shape = Checkpoint.open(args.model).shape
+    ckpt = Checkpoint.open(args.model)
+    shape = ckpt.shape
+    micro = micro_benchmark(args.micro_tokens, ckpt.config["hidden_size"], shape.num_experts, shape.top_k,
+                            len(shape.moe_layers), args.sample_capacity if can_sample else 0, args.sample_rate)
     steps = args.max_tokens  # about one prefill step + max_tokens - 1 decode steps per round
     stock_s = statistics.median([r["seconds"] for e in engines for r in e["rounds"].get("stock", [])])
     capture_s = statistics.median([r["seconds"] for e in engines for r in e["rounds"].get("capture", [])])
@@ -541,12 +548,12 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table)
     if not args.no_write:
-        write_results("tracing_overhead", {
+        write_results(args.results_name, {
             "benchmark": "tracing_overhead", "config": config, "environment": environment(),
             "summary": summary, "engines": engines, "micro_benchmark": micro, "estimate": estimate,
             "sampling_note": sampling_note, "elapsed_s": round(elapsed, 1),
         }, table, args.output)
-        (args.output / "tracing_overhead.partial.json").unlink(missing_ok=True)
+        (args.output / f"{args.results_name}.partial.json").unlink(missing_ok=True)
     return 0
 
 
