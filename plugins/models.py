@@ -32,7 +32,7 @@ from torch import nn
 
 from .capture import RoutingRecorder
 from .settings import SampleSettings
-from vllm_moe_prune.checkpoint import recorded_expert_counts
+from vllm_moe_prune.checkpoint import held_expert_counts
 from vllm_moe_prune.families import FAMILIES, MoEShape
 from vllm_moe_prune.remap import PrunedLayout
 from vllm_moe_prune.serving import CONFIG_COUNTS_KEY
@@ -65,17 +65,11 @@ BINDINGS: dict[str, VllmBinding] = {
 }
 
 
-def held_experts_per_layer(config, shape: MoEShape) -> dict[int, int]:
-    """Routed experts each MoE layer's checkpoint tensors hold: all, or what an export kept."""
-    recorded = recorded_expert_counts(config.to_dict(), shape)
-    return recorded or {layer: shape.num_experts for layer in shape.moe_layers}
-
-
 def experts_per_layer(config, shape: MoEShape) -> dict[int, int]:
     """Count of every MoE layer to build: the plan's (config override) or what the checkpoint holds."""
     counts = getattr(config, CONFIG_COUNTS_KEY, None)
     if counts is None:
-        return held_experts_per_layer(config, shape)
+        return held_expert_counts(config.to_dict(), shape)
     counts = {int(k): int(v) for k, v in dict(counts).items()}
     if set(counts) != set(shape.moe_layers):
         raise ValueError(
@@ -155,7 +149,7 @@ def _make_pruned_class(model_type: str) -> type[nn.Module]:
 
             self.moe_prune_shape = shape
             self.moe_prune_counts = counts
-            self.moe_prune_held = held_experts_per_layer(config, shape)
+            self.moe_prune_held = held_expert_counts(config.to_dict(), shape)
             sampling = SampleSettings.from_env()
             self.moe_prune_recorder = RoutingRecorder(
                 shape, vllm_config.scheduler_config.max_num_batched_tokens, sampling.capacity

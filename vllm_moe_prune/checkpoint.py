@@ -58,6 +58,11 @@ def recorded_expert_counts(config: Config, shape: MoEShape) -> dict[int, int] | 
     return parsed
 
 
+def held_expert_counts(config: Config, shape: MoEShape) -> dict[int, int]:
+    """Routed experts each MoE layer's tensors hold: what an export kept, else all of them."""
+    return recorded_expert_counts(config, shape) or {layer: shape.num_experts for layer in shape.moe_layers}
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     file: str
@@ -142,8 +147,7 @@ class Checkpoint:
     @cached_property
     def experts_per_layer(self) -> dict[int, int]:
         """Routed experts each MoE layer holds: all of them, or what an export kept."""
-        recorded = recorded_expert_counts(self.config, self.shape)
-        return recorded or {layer: self.shape.num_experts for layer in self.shape.moe_layers}
+        return held_expert_counts(self.config, self.shape)
 
     @property
     def experts(self) -> dict[int, list[int]]:
