@@ -17,10 +17,11 @@ starts 10-25% apart here) hits both sides of a pair of neighbouring rounds alike
 ratio is taken per pair (round i of capture / round i of stock) and reported as mean
 +/- two standard errors over all pairs.
 
-Then where the time goes: a micro-benchmark of ``RoutingRecorder.record`` for the 4 MoE
-layers of a forward pass (one CPU thread; eager at several token counts, and compiled
-with torch.compile), a profile of its parts, the estimated share of a round's time it
-explains, and one more stock and capture engine each under vLLM's torch profiler.
+Then where the time goes: a micro-benchmark of capture's two parts for one forward pass
+(one CPU thread): ``RoutingRecorder.record`` per MoE layer (eager at several token counts,
+and compiled with torch.compile) and ``RoutingRecorder.count`` once per step (eager), a
+profile of ``count``, the estimated share of a round's time they explain, and one more
+stock and capture engine each under vLLM's torch profiler.
 
     flock /tmp/vllm-engine.lock python benchmarks/tracing_overhead.py
     python benchmarks/tracing_overhead.py --reps 1 --rounds 2 --no-write     # a quick look
@@ -160,20 +161,23 @@ def _time_calls(fn, calls: int) -> float:
 def micro_benchmark(token_counts: list[int], hidden_size: int, num_experts: int, top_k: int,
                     num_layers: int, sample_capacity: int = 0, sample_rate: float = 0.0,
                     compile_tokens: int | None = 64) -> dict[str, Any]:
-    """Cost of ``RoutingRecorder.record`` for every MoE layer of one forward pass, vs the router work.
+    """Cost of capture for one forward pass, in its two parts, vs the router work the model does anyway.
 
-    Only the recorder's public ``record`` is called, so this measures whatever the plugin
-    does in a forward pass: eager (Python) and, at ``compile_tokens``, torch.compile'd
-    the way vLLM compiles the model (inductor), against the same router work compiled.
+    Only the recorder's public methods are called, as the model class calls them: ``record``
+    per MoE layer (eager, and at ``compile_tokens`` torch.compile'd the way vLLM compiles
+    the model) and ``count`` once per step (eager, as vLLM runs it).
     """
     from vllm_moe_prune.families import FAMILIES, MoEShape
     from vllm_moe_prune_plugins.capture import RoutingRecorder
 
     torch.manual_seed(0)
     shape = MoEShape(FAMILIES["qwen3_moe"], tuple(range(num_layers)), num_experts, top_k, True, 1)
+    router = torch.randn(num_experts, hidden_size)
 
     def make(capacity: int = 0) -> RoutingRecorder:
-        rec = RoutingRecorder(shape, max(token_counts), capacity)
+        rec = RoutingRecorder(shape, hidden_size, max(token_counts), capacity)
+        for slot in range(num_layers):
+            rec.set_router(slot, router, list(range(num_experts)))
         rec.set_active(True)
         if capacity:
             rec.set_sample_rate(sample_rate)
@@ -181,13 +185,10 @@ def micro_benchmark(token_counts: list[int], hidden_size: int, num_experts: int,
 
     recorder = make()
     sampler = make(sample_capacity) if sample_capacity else None
-    router = torch.randn(num_experts, hidden_size)
-    router_bias = torch.zeros(num_experts)
-    kept = torch.arange(num_experts)
 
-    def forward_record(rec: RoutingRecorder, hidden: torch.Tensor) -> None:
+    def record_all(rec: RoutingRecorder, hidden: torch.Tensor) -> None:
         for slot in range(num_layers):
-            rec.record(hidden, router, router_bias, None, kept, slot)
+            rec.record(hidden, slot)
 
     def forward_router(hidden: torch.Tensor) -> list[torch.Tensor]:  # the model's own routing, every layer
         return [torch.softmax(hidden @ router.t(), dim=-1).topk(top_k, dim=-1)[1] for _ in range(num_layers)]
@@ -195,12 +196,14 @@ def micro_benchmark(token_counts: list[int], hidden_size: int, num_experts: int,
     rows = []
     for tokens in token_counts:
         hidden = torch.randn(tokens, hidden_size)
+        record_all(recorder, hidden)
         calls = max(10, min(500, 5000 // tokens))
         rows.append({
             "tokens": tokens,
-            "record_us_per_layer": _time_calls(lambda: forward_record(recorder, hidden), calls) * 1e6 / num_layers,
-            "sampling_us_per_layer": (_time_calls(lambda: forward_record(sampler, hidden), calls) * 1e6 / num_layers
-                                      if sampler is not None else None),
+            "record_us_per_layer": _time_calls(lambda: record_all(recorder, hidden), calls) * 1e6 / num_layers,
+            "count_us_per_step": _time_calls(lambda: recorder.count(tokens), calls) * 1e6,
+            "sampling_count_us_per_step": (_time_calls(lambda: sampler.count(tokens), calls) * 1e6
+                                           if sampler is not None else None),
             "router_us_per_layer": _time_calls(lambda: forward_router(hidden), calls) * 1e6 / num_layers,
         })
     compiled: dict[str, Any] = {}
@@ -208,40 +211,30 @@ def micro_benchmark(token_counts: list[int], hidden_size: int, num_experts: int,
         hidden = torch.randn(compile_tokens, hidden_size)
         try:
             t0 = time.perf_counter()
-            rec_c = torch.compile(lambda h: forward_record(recorder, h), dynamic=False)
+            rec_c = torch.compile(lambda h: record_all(recorder, h), dynamic=False)
             route_c = torch.compile(forward_router, dynamic=False)
             rec_c(hidden), route_c(hidden)
             compiled = {
                 "tokens": compile_tokens,
                 "record_us_per_layer": _time_calls(lambda: rec_c(hidden), 500) * 1e6 / num_layers,
                 "router_us_per_layer": _time_calls(lambda: route_c(hidden), 500) * 1e6 / num_layers,
-                "sampling_us_per_layer_by_capacity": {},
+                "compile_s": time.perf_counter() - t0,
             }
-            if sample_capacity:  # does the compiled cost depend on the ring's size? (it should not)
-                for capacity in sorted({64, sample_capacity}):
-                    ring = make(capacity)
-                    ring_c = torch.compile(lambda h, ring=ring: forward_record(ring, h), dynamic=False)
-                    ring_c(hidden)
-                    compiled["sampling_us_per_layer_by_capacity"][capacity] = (
-                        _time_calls(lambda: ring_c(hidden), 200) * 1e6 / num_layers)
-            compiled["compile_s"] = time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001 - report, do not lose the engine results
             compiled = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     profile_tokens = 64 if 64 in token_counts else token_counts[0]
-    hidden = torch.randn(profile_tokens, hidden_size)
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(50):
-            forward_record(recorder, hidden)
-    per = 50 * num_layers
+            recorder.count(profile_tokens)
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events)
-    top = [{"op": e.key, "calls_per_record": e.count / per, "self_us_per_record": e.self_cpu_time_total / per,
+    top = [{"op": e.key, "calls_per_step": e.count / 50, "self_us_per_step": e.self_cpu_time_total / 50,
             "share": e.self_cpu_time_total / total} for e in events[:12]]
     return {"dims": {"hidden": hidden_size, "experts": num_experts, "top_k": top_k, "layers": num_layers},
             "rows": rows, "compiled": compiled, "profile_tokens": profile_tokens, "profile_top": top,
-            "profile_self_us_per_record": total / per, "aten_ops_per_record": sum(e.count for e in events) / per}
+            "profile_self_us_per_step": total / 50, "aten_ops_per_step": sum(e.count for e in events) / 50}
 
 
 def profile_in_engine(variant: str, args: argparse.Namespace, prompts: list[list[int]], profile_dir: Path
@@ -386,35 +379,32 @@ def markdown(summary: dict[str, Any], micro: dict[str, Any], config: dict[str, A
     lines += ["Engine start-up (s): " + "; ".join(f"{k} {', '.join(f'{v:.0f}' for v in vals)}"
                                                   for k, vals in startups.items()), ""]
     lines += [
-        f"Where the time goes. (1) `RoutingRecorder.record` for all {dims['layers']} MoE layers of one forward pass, "
-        f"timed alone on one CPU thread (hidden {dims['hidden']}, {dims['experts']} experts, top-{dims['top_k']}), "
-        "per layer; `router` is the routing the model computes per "
-        "layer anyway (logits, softmax, top-k), for scale; `with sampling`: a recorder with a sample ring.",
+        f"Where the time goes. (1) Capture's two parts for one forward pass, timed alone on one CPU thread "
+        f"(hidden {dims['hidden']}, {dims['experts']} experts, top-{dims['top_k']}, {dims['layers']} MoE layers): "
+        "`record` (per MoE layer, inside the compiled graph: router logits into the scratch buffer) and `count` "
+        "(once per step, eager: routing, sums, transitions for all layers); `router` is the routing the model "
+        "computes per layer anyway (logits, softmax, top-k), for scale.",
         "",
-        "| tokens per forward | record, eager (us per layer) | with sampling, eager (us per layer) | router, eager (us per layer) |",
-        "|---:|---:|---:|---:|",
+        "| tokens per forward | record, eager (us per layer) | count, eager (us per step) | count with sampling (us per step) | router, eager (us per layer) |",
+        "|---:|---:|---:|---:|---:|",
     ]
     for row in micro["rows"]:
-        sampled = "-" if row["sampling_us_per_layer"] is None else f"{row['sampling_us_per_layer']:.0f}"
-        lines.append(f"| {row['tokens']} | {row['record_us_per_layer']:.0f} | {sampled} | {row['router_us_per_layer']:.0f} |")
+        sampled = "-" if row["sampling_count_us_per_step"] is None else f"{row['sampling_count_us_per_step']:.0f}"
+        lines.append(f"| {row['tokens']} | {row['record_us_per_layer']:.0f} | {row['count_us_per_step']:.0f} | "
+                     f"{sampled} | {row['router_us_per_layer']:.0f} |")
     comp = micro.get("compiled") or {}
     if "record_us_per_layer" in comp:
-        by_cap = comp.get("sampling_us_per_layer_by_capacity") or {}
         lines += ["", f"torch.compile'd (inductor, as vLLM compiles the model), {comp['tokens']} tokens: record "
                   f"{comp['record_us_per_layer']:.0f} us per layer vs router {comp['router_us_per_layer']:.0f} us per "
-                  "layer" + ("; with sampling, by ring capacity: " + ", ".join(
-                      f"{int(c)} rows {v:.0f} us" for c, v in sorted(by_cap.items(), key=lambda kv: int(kv[0])))
-                      + " per layer (eager does not depend on the capacity; if the compiled cost grows with it, "
-                      "the compiled graph copies the ring buffers every step instead of writing in place)"
-                      if by_cap else "") + "."]
+                  "layer."]
     elif comp:
         lines += ["", f"torch.compile'd micro-benchmark failed: {comp['error']}"]
-    lines += ["", f"Eager profile at {micro['profile_tokens']} tokens: {micro['aten_ops_per_record']:.0f} profiler "
-              f"events and {micro['profile_self_us_per_record']:.0f} us of self CPU time per layer (profiler "
+    lines += ["", f"Profile of `count` at {micro['profile_tokens']} tokens: {micro['aten_ops_per_step']:.0f} profiler "
+              f"events and {micro['profile_self_us_per_step']:.0f} us of self CPU time per step (profiler "
               "overhead included):", "",
-              "| op | calls per layer | self us per layer | share |", "|---|---:|---:|---:|"]
+              "| op | calls per step | self us per step | share |", "|---|---:|---:|---:|"]
     for e in micro["profile_top"]:
-        lines.append(f"| {e['op']} | {e['calls_per_record']:.1f} | {e['self_us_per_record']:.1f} | {e['share']:.0%} |")
+        lines.append(f"| {e['op']} | {e['calls_per_step']:.1f} | {e['self_us_per_step']:.1f} | {e['share']:.0%} |")
     lines += ["", estimate["text"], ""]
     prof = estimate.get("profile") or {}
     if prof.get("stock", {}).get("rows") and prof.get("capture", {}).get("rows"):
@@ -495,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:  # keep the engine measurements even if a later step fails
         write_text_atomic(args.output / f"{args.results_name}.partial.json",
                           json.dumps({"summary": summary, "engines": engines}, indent=2) + "\n")
-    print("micro-benchmark of RoutingRecorder.record", flush=True)
+    print("micro-benchmark of RoutingRecorder.record and .count", flush=True)
     from vllm_moe_prune.checkpoint import Checkpoint
 
     ckpt = Checkpoint.open(args.model)
@@ -510,24 +500,26 @@ def main(argv: list[str] | None = None) -> int:
     comp = micro.get("compiled") or {}
     per_layer_us = comp.get("record_us_per_layer", nearest["record_us_per_layer"])
     basis = "compiled" if "record_us_per_layer" in comp else "eager"
-    predicted_s = len(shape.moe_layers) * steps * per_layer_us * 1e-6
+    per_step_us = len(shape.moe_layers) * per_layer_us + nearest["count_us_per_step"]
+    predicted_s = steps * per_step_us * 1e-6
     estimate = {
         "stock_round_s": stock_s, "capture_round_s": capture_s, "measured_extra_s": capture_s - stock_s,
         "forward_steps": steps, "record_us_per_layer": per_layer_us, "basis": basis,
+        "count_us_per_step": nearest["count_us_per_step"],
         "predicted_extra_s": predicted_s, "step_ms_stock": stock_s / steps * 1e3,
     }
     estimate["text"] = (
         f"Estimate: a round is about {steps} forward steps of {len(prompts)} sequences, "
-        f"{stock_s / steps * 1e3:.2f} ms each on the stock model (median round). Recording costs ~{per_layer_us:.0f} us "
-        f"per MoE layer ({basis}, measured alone at {comp.get('tokens', nearest['tokens'])} tokens), so "
-        f"{len(shape.moe_layers)} layers x {steps} steps predict {predicted_s * 1e3:.0f} ms more per round "
-        f"({predicted_s / stock_s:.1%} of a stock round); measured: {(capture_s - stock_s) * 1e3:.0f} ms "
-        f"({(capture_s - stock_s) / stock_s:.1%}, median rounds over all repetitions). Counters OFF costs the same "
-        "as ON: recording always runs and multiplies by the on/off flag. The testbed's layers are tiny "
-        "(hidden 128, a step takes milliseconds), so recording's fixed cost per layer (a few small kernels: "
-        "router logits over all experts, softmax, top-k, dense routed/gate rows and their weighted sums) is a large "
-        "share of a step; on a real model the recording work is a [tokens x hidden] x [hidden x experts] "
-        "product plus bookkeeping, small next to the experts' matmuls."
+        f"{stock_s / steps * 1e3:.2f} ms each on the stock model (median round). Capture costs ~{per_step_us:.0f} us "
+        f"per step ({len(shape.moe_layers)} x {per_layer_us:.0f} us of record, {basis}, plus "
+        f"{nearest['count_us_per_step']:.0f} us of count at {nearest['tokens']} tokens), so {steps} steps predict "
+        f"{predicted_s * 1e3:.0f} ms more per round ({predicted_s / stock_s:.1%} of a stock round); measured: "
+        f"{(capture_s - stock_s) * 1e3:.0f} ms ({(capture_s - stock_s) / stock_s:.1%}, median rounds over all "
+        "repetitions). Counters OFF costs the same as ON: capture always runs and multiplies by the on/off flag "
+        "(so that a CUDA graph captured with it replays correctly either way). The testbed's layers are tiny "
+        "(hidden 128, a step takes milliseconds), so capture's fixed cost per step is a large share of a step; "
+        "on a real model the recording work is a [tokens x hidden] x [hidden x experts] product per layer plus "
+        "one batched pass, small next to the experts' matmuls."
     )
     if not args.no_profile:
         estimate["profile"] = {}

@@ -10,10 +10,11 @@ vLLM's own model class and changes two things, nothing else:
    config.json), so pruned experts are never allocated. The family's
    decoder-layer ``__init__`` is wrapped, for the duration of construction only, so that
    each layer sees its own count in the config.
-2. Capture: every MoE block records its routing into the model's
-   :class:`~plugins.capture.RoutingRecorder` (see capture.py) before computing, using the
-   ORIGINAL router rows kept as a buffer, so counts stay in original expert ids and live
-   coverage of the kept set is measurable.
+2. Capture: every MoE block writes its router logits over the ORIGINAL experts (router
+   rows kept on the model's :class:`~plugins.capture.RoutingRecorder`) before computing,
+   and the model's forward counts the step's routing for all layers at once after vLLM's
+   compiled model returns (see capture.py), so counts stay in original expert ids and
+   live coverage of the kept set is measurable.
 
 Weight loading keeps vLLM's own code; ``load_weights`` only renumbers kept experts and
 slices router rows through :class:`vllm_moe_prune.remap.PrunedLayout`, fed by the
@@ -91,22 +92,28 @@ def _expert_count(config, keys: tuple[str, ...], count: int) -> Iterator[None]:
             setattr(config, key, value)
 
 
+def _keep_inductor_order(vllm_config) -> None:
+    """Turn off inductor's peak-memory reordering for the graph vLLM compiles of this model.
+
+    With torch 2.13 and vLLM's CPU build, that pass can move an op that writes into an
+    output argument (``torch.ops._C.onednn_mm(out, ...)``, the DeepSeek-V3 router's
+    matmul) after the kernel that reads ``out``. Seen in inductor's output code for the
+    tiny DeepSeek-V3 once capture added its router product to the graph: the sigmoid over
+    the router logits was scheduled before the matmul that computes them, and the model's
+    log-probabilities were off by 3.5 (with other capture code, prob_sum became NaN).
+    Eager runs and runs with this pass off are exact. The pass only saves activation
+    memory, which vLLM's profiling run measures either way.
+    """
+    vllm_config.compilation_config.inductor_compile_config["reorder_for_peak_memory"] = False
+
+
 class _TracedMoEBlock:
-    """Mixin put in front of a family's MoE block class: record routing, then compute."""
+    """Mixin put in front of a family's MoE block class: record router logits, then compute."""
 
     moe_prune_slot: int
-    #: DeepSeek-V3's e_score_correction_bias of every original expert (a buffer), else None.
-    moe_prune_score_bias: torch.Tensor | None
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        self.moe_prune_recorder.record(
-            hidden_states.reshape(-1, hidden_states.shape[-1]),
-            self.moe_prune_router,
-            self.moe_prune_router_bias,
-            self.moe_prune_score_bias,
-            self.moe_prune_kept,
-            self.moe_prune_slot,
-        )
+        self.moe_prune_recorder.record(hidden_states.reshape(-1, hidden_states.shape[-1]), self.moe_prune_slot)
         return super().forward(hidden_states, *args, **kwargs)
 
 
@@ -125,8 +132,14 @@ def _make_pruned_class(model_type: str) -> type[nn.Module]:
 
     class PrunedModel(base):  # type: ignore[misc, valid-type]
         def __init__(self, *, vllm_config, prefix: str = "") -> None:
-            from vllm.model_executor.models.utils import PPMissingLayer, extract_layer_index
+            from vllm.model_executor.models.utils import extract_layer_index
 
+            if vllm_config.parallel_config.pipeline_parallel_size > 1:
+                raise ValueError(
+                    "pipeline parallelism is not supported by the moe_prune model classes (routing is counted "
+                    "over every MoE layer at once); use tensor parallelism (--tensor-parallel-size) instead"
+                )
+            _keep_inductor_order(vllm_config)
             config = vllm_config.model_config.hf_text_config
             shape = MoEShape.from_config(config.to_dict())
             counts = experts_per_layer(config, shape)
@@ -151,45 +164,29 @@ def _make_pruned_class(model_type: str) -> type[nn.Module]:
             self.moe_prune_counts = counts
             self.moe_prune_held = held_expert_counts(config.to_dict(), shape)
             sampling = SampleSettings.from_env()
-            self.moe_prune_recorder = RoutingRecorder(
-                shape, vllm_config.scheduler_config.max_num_batched_tokens, sampling.capacity
+            recorder = RoutingRecorder(
+                shape, config.hidden_size, vllm_config.scheduler_config.max_num_batched_tokens, sampling.capacity
             )
+            self.moe_prune_recorder = recorder
             if sampling.capacity:
-                self.moe_prune_recorder.set_sample_rate(sampling.rate)
-            for slot, layer in enumerate(shape.moe_layers):
-                decoder_layer = self.model.layers[layer]
-                if isinstance(decoder_layer, PPMissingLayer):
-                    continue
-                block = getattr(decoder_layer, binding.moe_attr)
+                recorder.set_sample_rate(sampling.rate)
+            for slot, (layer, block) in enumerate(self.moe_prune_blocks()):
+                recorder.set_kept(slot, list(range(counts[layer])))
                 block.__class__ = traced(type(block))
                 block.moe_prune_slot = slot
                 # A plain attribute, not a submodule: the recorder belongs to the model.
-                object.__setattr__(block, "moe_prune_recorder", self.moe_prune_recorder)
-                block.register_buffer(
-                    "moe_prune_router", torch.zeros(shape.num_experts, config.hidden_size, dtype=torch.float32),
-                    persistent=False,
-                )
-                # -inf on the rows of experts the checkpoint does not hold (a non-uniform
-                # export's smaller layers), so they take no probability.
-                block.register_buffer(
-                    "moe_prune_router_bias", torch.zeros(shape.num_experts, dtype=torch.float32), persistent=False
-                )
-                block.register_buffer(
-                    "moe_prune_kept", torch.arange(counts[layer], dtype=torch.int64), persistent=False
-                )
-                if family.router_extras:
-                    block.register_buffer(
-                        "moe_prune_score_bias", torch.zeros(shape.num_experts, dtype=torch.float32), persistent=False
-                    )
-                else:
-                    block.moe_prune_score_bias = None
+                object.__setattr__(block, "moe_prune_recorder", recorder)
+
+        def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, *args, **kwargs):
+            """vLLM's forward (compiled inside), then this step's routing counted for all layers."""
+            hidden_states = super().forward(input_ids, positions, *args, **kwargs)
+            self.moe_prune_recorder.count(positions.shape[-1])
+            return hidden_states
 
         def moe_prune_blocks(self) -> Iterator[tuple[int, nn.Module]]:
-            """(decoder layer index, traced MoE block) of the MoE layers on this rank."""
+            """(decoder layer index, MoE block) of every MoE layer, in slot order."""
             for layer in self.moe_prune_shape.moe_layers:
-                block = getattr(self.model.layers[layer], binding.moe_attr, None)
-                if block is not None:
-                    yield layer, block
+                yield layer, getattr(self.model.layers[layer], binding.moe_attr)
 
         def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
             return super().load_weights(self._moe_prune_remap(iter(weights)))
@@ -203,7 +200,8 @@ def _make_pruned_class(model_type: str) -> type[nn.Module]:
             """
             kept: dict[int, list[int]] = {}
             layout: PrunedLayout | None = None
-            blocks = dict(self.moe_prune_blocks())
+            recorder = self.moe_prune_recorder
+            slots = {layer: slot for slot, layer in enumerate(self.moe_prune_shape.moe_layers)}
             for name, tensor in weights:
                 if name.startswith(KEPT_TENSOR_PREFIX):
                     kept[int(name[len(KEPT_TENSOR_PREFIX):])] = tensor.tolist()
@@ -214,14 +212,11 @@ def _make_pruned_class(model_type: str) -> type[nn.Module]:
                 if remap is None:
                     continue
                 layer = layout.router_layer(name)
-                if layer is not None and layer in blocks:
-                    block, rows = blocks[layer], tensor.shape[0]
-                    block.moe_prune_router[:rows].copy_(tensor.float())
-                    block.moe_prune_router_bias[rows:] = float("-inf")
-                    block.moe_prune_kept.copy_(torch.tensor(layout.kept[layer]))
+                if layer is not None:
+                    recorder.set_router(slots[layer], tensor, layout.kept[layer])
                 layer = layout.router_extra_layer(name)
-                if layer is not None and layer in blocks:
-                    blocks[layer].moe_prune_score_bias[: tensor.shape[0]].copy_(tensor.float())
+                if layer is not None:
+                    recorder.set_score_bias(slots[layer], tensor)
                 yield remap.name, remap.apply(tensor)
 
         def _moe_prune_layout(self, kept: dict[int, list[int]]) -> PrunedLayout:

@@ -73,10 +73,9 @@ class MoePruneWorkerExtension:
     def _moe_prune_totals(self) -> DrainedTotals:
         totals = getattr(self, "_moe_prune_drained", None)
         if totals is None:
-            recorder = self._moe_prune_model().moe_prune_recorder
-            totals = DrainedTotals(
-                0, torch.zeros_like(recorder.counts, device="cpu"), torch.zeros_like(recorder.prob_sum, device="cpu")
-            )
+            shape = self._moe_prune_model().moe_prune_shape
+            zeros = RoutingStats.zeros(shape.moe_layers, shape.num_experts, shape.top_k)
+            totals = DrainedTotals(0, zeros.counts, zeros.prob_sum)
             self._moe_prune_drained = totals
         return totals
 
@@ -91,11 +90,12 @@ class MoePruneWorkerExtension:
         """
         recorder = self._moe_prune_model().moe_prune_recorder
         totals = self._moe_prune_totals()
+        pending = recorder.snapshot()
         return {
             "active": bool(recorder.active.item()),
-            "tokens": totals.tokens + int(recorder.tokens.item()),
-            "counts": (totals.counts + recorder.counts.cpu()).tolist(),
-            "prob_sum": (totals.prob_sum + recorder.prob_sum.cpu()).tolist(),
+            "tokens": totals.tokens + pending.tokens,
+            "counts": (totals.counts + pending.counts).tolist(),
+            "prob_sum": (totals.prob_sum + pending.prob_sum).tolist(),
         }
 
     def moe_prune_set_sample_rate(self, rate: float) -> float:

@@ -188,15 +188,21 @@ def test_engine_refuses_flags_that_do_not_match_the_plan(testbed, tmp_path, capf
     assert "do not match plan" in err and "regenerate the flags with `vllm-moe-prune serve-args`" in err
 
 
-def test_expert_parallel_is_refused(testbed, tmp_path, capfd):
+@pytest.mark.parametrize(("parallel", "named"), [
+    ({"enable_expert_parallel": True}, "expert parallelism (--enable-expert-parallel) is not supported"),
+    ({"pipeline_parallel_size": 2}, "pipeline parallelism is not supported by the moe_prune model classes"),
+], ids=["expert", "pipeline"])
+def test_unsupported_parallelism_is_refused(parallel, named, testbed, capfd, monkeypatch):
     from vllm import LLM
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per pipeline stage
 
     from vllm_moe_prune.serving import engine_args
 
     with pytest.raises(Exception):
-        LLM(**engine_args(testbed), **ENGINE_KWARGS, enforce_eager=True, enable_expert_parallel=True)
+        LLM(**engine_args(testbed), **ENGINE_KWARGS, enforce_eager=True, **parallel)
     captured = capfd.readouterr()
-    assert "expert parallelism" in captured.out + captured.err
+    assert named in captured.out + captured.err
 
 
 def test_plain_rope_deepseek_is_refused_on_cpu(tiny_root, tmp_path, capfd):

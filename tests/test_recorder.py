@@ -1,11 +1,11 @@
-"""The routing recorder compiled by torch.compile (as vLLM compiles a model) equals eager.
+"""The routing recorder on its own: compiled as vLLM compiles a model, chunked, sampled.
 
-The engine tests compare capture with transformers; this one isolates the compiler for
-every routing rule (softmax top-k; DeepSeek-V2 grouped by best expert; DeepSeek-V3
-sigmoid + score bias, grouped by best two), pruned, at two batch sizes through one
-dynamic-shape graph. Compiler bugs depend on the whole graph: the one that made inductor
-reuse a concatenation's memory while a view of it was still to be read (wrong transitions,
-compiled only) showed in the DeepSeek-V3 engine test (tests/test_loader.py), not here.
+The engine tests (tests/test_loader.py, tests/test_capture.py) compare capture with the
+routing transformers performs; these isolate the recorder's two halves for every routing
+rule (softmax top-k; DeepSeek-V2 grouped by best expert; DeepSeek-V3 sigmoid + score
+bias, grouped by best two), pruned, at two batch sizes: the per-layer ``record`` traced
+by torch.compile into one dynamic-shape graph, and the per-step ``count`` that batches
+all layers (whole, or in chunks of layers when a step is large).
 """
 
 from __future__ import annotations
@@ -15,46 +15,103 @@ import torch
 
 from reference import tiny_checkpoint
 from vllm_moe_prune.checkpoint import Checkpoint
+from vllm_moe_prune_plugins import capture
 from vllm_moe_prune_plugins.capture import RoutingRecorder
 
 #: Kept experts per MoE layer, whole groups for DeepSeek (V2: 4 groups of 2; V3: 2 of 4).
 KEPT = {"qwen3_moe": [[0, 1, 2, 4, 5, 6, 7], [1, 3, 4, 7], [0, 1, 2, 3, 4, 5, 6, 7]],
         "deepseek_v2": [[0, 1, 2, 3, 4, 5, 6, 7], [1, 2, 5, 6]],
         "deepseek_v3": [[0, 1, 2, 4, 5, 6], [1, 3, 4, 7]]}
+HIDDEN, TOKENS = 64, 40
+
+
+def recorder_for(family: str, tiny_root, sample_capacity: int = 0) -> tuple[RoutingRecorder, list[torch.Tensor]]:
+    """A recorder with random routers loaded as the model classes load them, and hidden states."""
+    ckpt = Checkpoint.open(tiny_checkpoint(family, tiny_root))
+    shape = ckpt.shape
+    shape = type(shape)(**{**shape.__dict__, "moe_layers": tuple(range(len(KEPT[family])))})
+    generator = torch.Generator().manual_seed(0)
+    recorder = RoutingRecorder(shape, HIDDEN, 256, sample_capacity)
+    for slot, kept in enumerate(KEPT[family]):
+        recorder.set_router(slot, torch.randn(shape.num_experts, HIDDEN, generator=generator), kept)
+        if recorder.score_bias is not None:
+            recorder.set_score_bias(slot, torch.randn(shape.num_experts, generator=generator) * 0.1)
+    recorder.set_active(True)
+    return recorder, [torch.randn(TOKENS, HIDDEN, generator=generator) for _ in KEPT[family]]
+
+
+def step(recorder: RoutingRecorder, hidden: list[torch.Tensor], record=None) -> None:
+    """One forward pass: every layer records (through ``record`` if given), then one count."""
+    (record or (lambda r, h: [r.record(x, slot) for slot, x in enumerate(h)]))(recorder, hidden)
+    recorder.count(hidden[0].shape[0])
 
 
 @pytest.mark.parametrize("family", list(KEPT))
 def test_compiled_recording_equals_eager(family, tiny_root):
-    shape = Checkpoint.open(tiny_checkpoint(family, tiny_root)).shape
-    generator = torch.Generator().manual_seed(0)
-    hidden_size, tokens = 64, 40
-    layers = [
-        (torch.randn(shape.num_experts, hidden_size, generator=generator), torch.zeros(shape.num_experts),
-         torch.randn(shape.num_experts, generator=generator) * 0.1 if shape.scoring == "sigmoid" else None,
-         torch.tensor(kept))
-        for kept in KEPT[family]
-    ]
-    hidden = [torch.randn(tokens, hidden_size, generator=generator) for _ in layers]
-
-    def forward(recorder: RoutingRecorder, hidden: list[torch.Tensor]) -> None:
-        for slot, (router, router_bias, score_bias, kept) in enumerate(layers):
-            recorder.record(hidden[slot], router, router_bias, score_bias, kept, slot)
-
-    eager, compiled = RoutingRecorder(shape, 256), RoutingRecorder(shape, 256)
-    for recorder in (eager, compiled):
-        recorder.set_active(True)
-    step = torch.compile(lambda h: forward(compiled, h), dynamic=True)
-    for cut in (tokens, 23):  # two batch sizes through one dynamic-shape graph
-        forward(eager, [h[:cut] for h in hidden])
-        step([h[:cut] for h in hidden])
+    eager, hidden = recorder_for(family, tiny_root)
+    compiled, _ = recorder_for(family, tiny_root)
+    record = torch.compile(lambda r, h: [r.record(x, slot) for slot, x in enumerate(h)], dynamic=True)
+    for cut in (TOKENS, 23):  # two batch sizes through one dynamic-shape graph
+        step(eager, [h[:cut] for h in hidden])
+        step(compiled, [h[:cut] for h in hidden], record)
     want, _ = eager.drain()
     got, _ = compiled.drain()
-    assert got.tokens == want.tokens == tokens + 23
+    assert got.tokens == want.tokens == TOKENS + 23
     assert torch.equal(got.counts, want.counts)
     assert torch.equal(got.transitions, want.transitions)
-    assert int(want.transitions.sum()) == (len(layers) - 1) * want.tokens * shape.top_k**2
     torch.testing.assert_close(got.prob_sum, want.prob_sum, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.gate_sum, want.gate_sum, rtol=1e-5, atol=1e-5)
-    for slot, (_, _, _, kept) in enumerate(layers):  # only kept experts are routed to
-        pruned = sorted(set(range(shape.num_experts)) - set(kept.tolist()))
+    shape = eager.shape
+    assert torch.equal(want.counts.sum(dim=1), torch.full((len(hidden),), want.tokens * shape.top_k))
+    assert int(want.transitions.sum()) == (len(hidden) - 1) * want.tokens * shape.top_k**2
+    torch.testing.assert_close(want.prob_sum.sum(dim=1), torch.full((len(hidden),), float(want.tokens),
+                                                                    dtype=torch.float64))
+    for slot, kept in enumerate(KEPT[family]):  # only kept experts are routed to
+        pruned = sorted(set(range(shape.num_experts)) - set(kept))
         assert int(want.counts[slot, pruned].sum()) == 0
+
+
+@pytest.mark.parametrize("family", list(KEPT))
+def test_counting_in_chunks_of_layers_equals_one_pass(family, tiny_root, monkeypatch):
+    whole, hidden = recorder_for(family, tiny_root)
+    step(whole, hidden)
+    want, _ = whole.drain()
+    row_bytes = capture._DENSE_TENSORS * 4 * TOKENS * whole.num_experts
+    for layers_per_chunk in (1, 2):  # chunk borders fall between every pair of layers
+        monkeypatch.setattr(capture, "COUNT_PASS_BYTES", layers_per_chunk * row_bytes)
+        chunked, _ = recorder_for(family, tiny_root)
+        step(chunked, hidden)
+        got, _ = chunked.drain()
+        assert torch.equal(got.counts, want.counts)
+        assert torch.equal(got.transitions, want.transitions)
+        torch.testing.assert_close(got.gate_sum, want.gate_sum)
+        torch.testing.assert_close(got.prob_sum, want.prob_sum)
+
+
+def test_recording_off_adds_nothing_and_drain_resets(tiny_root):
+    recorder, hidden = recorder_for("qwen3_moe", tiny_root)
+    recorder.set_active(False)
+    step(recorder, hidden)
+    off, _ = recorder.drain()
+    assert off.tokens == 0 and int(off.counts.sum()) == 0 and int(off.transitions.sum()) == 0
+    assert float(off.prob_sum.sum()) == 0.0
+    recorder.set_active(True)
+    step(recorder, hidden)
+    assert recorder.drain()[0].tokens == TOKENS
+    assert recorder.drain()[0].tokens == 0
+
+
+def test_sampling_at_rate_one_keeps_every_token_routing(tiny_root):
+    recorder, hidden = recorder_for("qwen3_moe", tiny_root, sample_capacity=64)
+    recorder.set_sample_rate(1.0)
+    step(recorder, hidden)
+    stats, samples = recorder.drain()
+    ids, probs = torch.tensor(samples["topk_ids"]), torch.tensor(samples["topk_probs"])
+    assert ids.shape == (TOKENS, len(hidden), recorder.top_k) and samples["dropped"] == 0
+    counted = torch.zeros_like(stats.counts)
+    counted.scatter_add_(1, ids.transpose(0, 1).flatten(1).long(), torch.ones_like(ids.transpose(0, 1).flatten(1).long()))
+    assert torch.equal(counted, stats.counts)  # the samples are the routing that was counted
+    assert bool((probs > 0).all()) and bool((probs <= 1).all())
+    step(recorder, hidden)
+    step(recorder, hidden)  # 80 samples into a ring of 64: the 16 oldest are overwritten
+    assert recorder.drain()[1]["dropped"] == 2 * TOKENS - 64
