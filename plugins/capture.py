@@ -74,6 +74,10 @@ def token_weights(num_tokens: int, active: torch.Tensor) -> torch.Tensor:
     return weight
 
 
+def _capturing_cuda_graph() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 class RoutingRecorder(nn.Module):
     """The model-wide capture state: router rows, statistics buffers, the on/off switch.
 
@@ -111,8 +115,9 @@ class RoutingRecorder(nn.Module):
         # slice view made inductor copy the whole buffer every step.
         buffer("logits", max_tokens * num_layers, num_experts)
         buffer("active", 1)
-        # Running totals in float64: integer counts stay exact up to 2**53.
-        buffer("tokens", 1, dtype=torch.float64)
+        self._on = False  # the same switch, read in Python (see count)
+        # Running totals in float64: integer counts stay exact up to 2**53. Traced tokens
+        # are not kept apart: every one adds exactly top_k to each layer's counts.
         buffer("totals", num_layers, 3, num_experts, dtype=torch.float64)  # routed, gate, prob
         buffer("transitions", max(num_layers - 1, 0), num_experts, num_experts, dtype=torch.float64)
         # Sampling ring (unsampled tokens all write the scratch row at index capacity).
@@ -192,13 +197,17 @@ class RoutingRecorder(nn.Module):
 
         Runs after the model's compiled graph, once per step, over every MoE layer's
         logits at once. Tensor operations only, whose shapes depend on nothing but
-        ``num_tokens``, so it is also captured into, and replayed from, a CUDA graph.
+        ``num_tokens``, so it is also captured into, and replayed from, a CUDA graph
+        (which multiplies by the on/off flag when replayed); outside graph capture it
+        returns at once while recording is off, so tracing off costs one product per
+        layer.
         Sums are weighted by the token weights (0/1), so padding and traffic while
         recording is off add nothing; per step they are float32 sums of 0/1 terms, exact
         below 2**24 tokens, added into the float64 totals.
         """
+        if not (self._on or _capturing_cuda_graph()):
+            return  # off, and no graph will replay this step: nothing would be added
         weight = token_weights(num_tokens, self.active)
-        self.tokens += weight.sum()
         sampled = self._sample_rows(weight) if self.sample_capacity else None
         num_layers = len(self.moe_layers)
         logits = self.logits[: num_tokens * num_layers].view(num_tokens, num_layers, self.num_experts)
@@ -237,6 +246,7 @@ class RoutingRecorder(nn.Module):
 
     def set_active(self, on: bool) -> None:
         self.active.fill_(float(on))
+        self._on = on
 
     def set_sample_rate(self, rate: float) -> None:
         if not 0.0 <= rate <= 1.0:
@@ -245,13 +255,18 @@ class RoutingRecorder(nn.Module):
             raise ValueError("sampling needs a sample capacity: start the server with MOE_PRUNE_SAMPLE_CAPACITY set")
         self.sample_rate.fill_(rate)
 
+    @property
+    def traced_tokens(self) -> int:
+        """Tokens counted since the last drain: the first layer's routed count over top_k."""
+        return int(self.totals[0, 0].sum().round()) // self.top_k
+
     def snapshot(self) -> RoutingStats:
         """The statistics gathered since the last drain (a copy; resets nothing)."""
         totals = self.totals.cpu()
         return RoutingStats(
             moe_layers=self.moe_layers,
             top_k=self.top_k,
-            tokens=int(self.tokens.item()),
+            tokens=self.traced_tokens,
             counts=totals[:, 0].round().long(),
             gate_sum=totals[:, 1].clone(),
             prob_sum=totals[:, 2].clone(),
@@ -279,7 +294,7 @@ class RoutingRecorder(nn.Module):
         token is counted twice or lost between two drains.
         """
         stats = self.snapshot()
-        for buffer in (self.tokens, self.totals, self.transitions):
+        for buffer in (self.totals, self.transitions):
             buffer.zero_()
         if self.sample_capacity == 0:
             return stats, None

@@ -110,7 +110,7 @@ class MoePruneWorkerExtension:
             "expert_bytes_resident": sum(resident.values()),
             "expert_bytes_resident_per_layer": {str(k): v for k, v in resident.items()},
             "active": bool(recorder.active.item()),
-            "tokens": int(recorder.tokens.item()),
+            "tokens": recorder.traced_tokens,
             "buffer_bytes": sum(b.numel() * b.element_size() for b in recorder.buffers()),
             "experts_per_layer": {str(k): v for k, v in model.moe_prune_counts.items()},
             "load_info": getattr(model, "moe_prune_load_info", {}),

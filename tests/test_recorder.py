@@ -88,13 +88,20 @@ def test_counting_in_chunks_of_layers_equals_one_pass(family, tiny_root, monkeyp
         torch.testing.assert_close(got.prob_sum, want.prob_sum)
 
 
-def test_recording_off_adds_nothing_and_drain_resets(tiny_root):
+@pytest.mark.parametrize("in_graph_capture", [False, True], ids=["skipped", "weighted-by-flag"])
+def test_recording_off_adds_nothing_and_drain_resets(in_graph_capture, tiny_root, monkeypatch):
+    """Off, count returns at once, except while a CUDA graph is captured: then it runs and
+    the on/off flag (a tensor the replayed graph reads) zeroes every token's weight."""
+    monkeypatch.setattr(capture, "_capturing_cuda_graph", lambda: in_graph_capture)
     recorder, hidden = recorder_for("qwen3_moe", tiny_root)
     recorder.set_active(False)
     step(recorder, hidden)
     off, _ = recorder.drain()
     assert off.tokens == 0 and int(off.counts.sum()) == 0 and int(off.transitions.sum()) == 0
     assert float(off.prob_sum.sum()) == 0.0
+    recorder._on = in_graph_capture  # a graph captured while on replays with the flag off
+    step(recorder, hidden)
+    assert int(recorder.drain()[0].counts.sum()) == 0
     recorder.set_active(True)
     step(recorder, hidden)
     assert recorder.drain()[0].tokens == TOKENS
