@@ -107,9 +107,8 @@ class RoutingRecorder(nn.Module):
         buffer("kept", num_layers, num_experts, dtype=torch.bool)
         self._pruned = [False] * num_layers
         self.score_bias: torch.Tensor | None
-        self.register_buffer(
-            "score_bias", torch.zeros(num_layers, num_experts, dtype=torch.float32) if shape.family.router_extras else None, persistent=False
-        )
+        score_bias = torch.zeros(num_layers, num_experts, dtype=torch.float32) if shape.family.router_extras else None
+        self.register_buffer("score_bias", score_bias, persistent=False)
         # Token-major and flat: row ``t * layers + slot``. Each layer writes its rows with one
         # ``index_copy_``, which the compiled graph performs in place; a write through a
         # slice view made inductor copy the whole buffer every step.
