@@ -165,7 +165,8 @@ def micro_benchmark(token_counts: list[int], hidden_size: int, num_experts: int,
 
     Only the recorder's public methods are called, as the model class calls them: ``record``
     per MoE layer (eager, and at ``compile_tokens`` torch.compile'd the way vLLM compiles
-    the model) and ``count`` once per step (eager, as vLLM runs it).
+    the model) and ``count`` once per step (eager, as vLLM runs it; it counts the waiting
+    tokens every ``COUNT_BATCH_TOKENS``, so its mean over many calls includes those passes).
     """
     from vllm_moe_prune.families import FAMILIES, MoEShape
     from vllm_moe_prune_plugins.capture import RoutingRecorder
@@ -233,6 +234,7 @@ def micro_benchmark(token_counts: list[int], hidden_size: int, num_experts: int,
     top = [{"op": e.key, "calls_per_step": e.count / 50, "self_us_per_step": e.self_cpu_time_total / 50,
             "share": e.self_cpu_time_total / total} for e in events[:12]]
     return {"dims": {"hidden": hidden_size, "experts": num_experts, "top_k": top_k, "layers": num_layers},
+            "count_batch_tokens": recorder.count_batch_tokens,
             "rows": rows, "compiled": compiled, "profile_tokens": profile_tokens, "profile_top": top,
             "profile_self_us_per_step": total / 50, "aten_ops_per_step": sum(e.count for e in events) / 50}
 
@@ -382,10 +384,12 @@ def markdown(summary: dict[str, Any], micro: dict[str, Any], config: dict[str, A
         f"Where the time goes. (1) Capture's two parts for one forward pass, timed alone on one CPU thread "
         f"(hidden {dims['hidden']}, {dims['experts']} experts, top-{dims['top_k']}, {dims['layers']} MoE layers): "
         "`record` (per MoE layer, inside the compiled graph: router logits into the scratch buffer) and `count` "
-        "(once per step, eager: routing, sums, transitions for all layers); `router` is the routing the model "
+        "(once per step, eager: keeps the step's token weights, and once more than "
+        f"{micro['count_batch_tokens']} tokens wait routes and counts them for all layers at once; the cost "
+        "shown is the mean per step, counting passes included); `router` is the routing the model "
         "computes per layer anyway (logits, softmax, top-k), for scale.",
         "",
-        "| tokens per forward | record, eager (us per layer) | count, eager (us per step) | count with sampling (us per step) | router, eager (us per layer) |",
+        "| tokens per forward | record, eager (us per layer) | count, eager (mean us per step) | count with sampling (mean us per step) | router, eager (us per layer) |",
         "|---:|---:|---:|---:|---:|",
     ]
     for row in micro["rows"]:
@@ -400,8 +404,8 @@ def markdown(summary: dict[str, Any], micro: dict[str, Any], config: dict[str, A
     elif comp:
         lines += ["", f"torch.compile'd micro-benchmark failed: {comp['error']}"]
     lines += ["", f"Profile of `count` at {micro['profile_tokens']} tokens: {micro['aten_ops_per_step']:.0f} profiler "
-              f"events and {micro['profile_self_us_per_step']:.0f} us of self CPU time per step (profiler "
-              "overhead included):", "",
+              f"events and {micro['profile_self_us_per_step']:.0f} us of self CPU time per step (mean of 50 steps, "
+              "counting passes included; profiler overhead included):", "",
               "| op | calls per step | self us per step | share |", "|---|---:|---:|---:|"]
     for e in micro["profile_top"]:
         lines.append(f"| {e['op']} | {e['calls_per_step']:.1f} | {e['self_us_per_step']:.1f} | {e['share']:.0%} |")
@@ -515,11 +519,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{nearest['count_us_per_step']:.0f} us of count at {nearest['tokens']} tokens), so {steps} steps predict "
         f"{predicted_s * 1e3:.0f} ms more per round ({predicted_s / stock_s:.1%} of a stock round); measured: "
         f"{(capture_s - stock_s) * 1e3:.0f} ms ({(capture_s - stock_s) / stock_s:.1%}, median rounds over all "
-        "repetitions). Counters OFF skips `count` (a CUDA graph captured with it would replay it, multiplied by the "
-        "on/off flag) and keeps `record`. The testbed's layers are tiny "
+        "repetitions). Counters OFF skips `count` and keeps `record`. The testbed's layers are tiny "
         "(hidden 128, a step takes milliseconds), so capture's fixed cost per step is a large share of a step; "
         "on a real model the recording work is a [tokens x hidden] x [hidden x experts] product per layer plus "
-        "one batched pass, small next to the experts' matmuls."
+        "one batched counting pass per ~1000 tokens, small next to the experts' matmuls."
     )
     if not args.no_profile:
         estimate["profile"] = {}

@@ -7,14 +7,16 @@ model at construction (:class:`RoutingRecorder`), in two parts:
 1. inside each MoE block's forward, which vLLM compiles: one matrix product writes the
    layer's router logits over every original expert into a ``[tokens, layers, experts]``
    scratch buffer (:meth:`RoutingRecorder.record`);
-2. once per forward pass, after the compiled model returns, in the model class's own
-   (uncompiled) forward: routing, counting and sampling for all layers at once
-   (:meth:`RoutingRecorder.count`), with no data-dependent Python and no host read, so a
-   CUDA graph captured around the model repeats it on the same buffers.
+2. after the compiled model returns, in the model class's own (uncompiled) forward:
+   routing, counting and sampling for all layers at once (:meth:`RoutingRecorder.count`).
 
-Counting per layer inside the graph cost a dozen small kernels per layer; batched once
-per step it costs about as many kernel calls in all, so the fixed cost no longer grows
-with the number of layers.
+Counting is a few dozen small tensor operations whatever the number of tokens, and at
+decode batch sizes their fixed cost dominates. So on CPU the scratch holds the logits of
+several forward passes: each step's rows are appended at a running offset, and they are
+counted together once ``count_batch_tokens`` tokens wait (and before any read of the
+statistics), which spreads that fixed cost over many steps. Where a CUDA graph may replay
+the model, ``count_batch_tokens`` is 0: every step is counted at once, with no
+data-dependent Python and no host read, so the graph repeats it on the same buffers.
 
 What is recorded per MoE layer (see :class:`vllm_moe_prune.stats.RoutingStats`), always
 in ORIGINAL expert ids, also on a pruned variant:
@@ -51,13 +53,14 @@ from vllm_moe_prune.families import MoEShape
 from vllm_moe_prune.stats import RoutingStats
 
 
-#: Bound on the temporaries of one count pass: the dense ``[tokens, layers, experts]``
-#: rows it builds are made for as many MoE layers at a time as fit, so a long prefill on a
-#: model with many layers does not allocate gigabytes for a moment.
+#: Bound on the temporaries of one count pass: it is made for as many MoE layers at a
+#: time as fit, so a long prefill on a model with many layers does not allocate
+#: gigabytes for a moment.
 COUNT_PASS_BYTES = 64 << 20
-#: Dense float32 ``[tokens, layers, experts]`` tensors alive at once in a count pass
-#: (probabilities, scores, choice, routed and gated rows, their weighted stack).
-_DENSE_TENSORS = 8
+#: Tokens whose logits wait in the scratch before they are counted together (on CPU):
+#: a count pass has a fixed cost of a few dozen tensor operations, which this spreads
+#: over many decode steps.
+COUNT_BATCH_TOKENS = 1024
 
 
 def token_weights(num_tokens: int, active: torch.Tensor) -> torch.Tensor:
@@ -84,11 +87,18 @@ class RoutingRecorder(nn.Module):
     Buffers are non-persistent (never in a state dict) and created on the model's device
     at construction, so the compiled graph and CUDA graphs capture their addresses once,
     and vLLM's memory profiling counts them with the model. The largest is the logits
-    scratch: ``max_tokens x MoE layers x experts`` float32 (for example 2 MiB on the
-    testbed at 8192 tokens, 192 MiB for 48 layers of 128 experts).
+    scratch: ``(max_tokens + count_batch_tokens) x MoE layers x experts`` float32 (for
+    example 2.3 MiB on the testbed at 8192 tokens, 216 MiB for 48 layers of 128 experts).
     """
 
-    def __init__(self, shape: MoEShape, hidden_size: int, max_tokens: int, sample_capacity: int = 0) -> None:
+    def __init__(
+        self,
+        shape: MoEShape,
+        hidden_size: int,
+        max_tokens: int,
+        sample_capacity: int = 0,
+        count_batch_tokens: int = COUNT_BATCH_TOKENS,
+    ) -> None:
         super().__init__()
         self.shape = shape
         self.moe_layers = shape.moe_layers
@@ -112,7 +122,13 @@ class RoutingRecorder(nn.Module):
         # Token-major and flat: row ``t * layers + slot``. Each layer writes its rows with one
         # ``index_copy_``, which the compiled graph performs in place; a write through a
         # slice view made inductor copy the whole buffer every step.
-        buffer("logits", max_tokens * num_layers, num_experts)
+        # Steps append at ``offset`` until more than count_batch_tokens tokens wait, so the
+        # rows of one more step of up to max_tokens always fit.
+        self.count_batch_tokens = count_batch_tokens
+        buffer("logits", (max_tokens + count_batch_tokens) * num_layers, num_experts)
+        buffer("waiting_weight", max_tokens + count_batch_tokens)  # each waiting token's weight
+        buffer("offset", 1, dtype=torch.int64)  # read by record() inside the graph
+        self._waiting = 0  # the same, in Python
         buffer("active", 1)
         self._on = False  # the same switch, read in Python (see count)
         # Running totals in float64: integer counts stay exact up to 2**53. Traced tokens
@@ -150,7 +166,7 @@ class RoutingRecorder(nn.Module):
         the routing rule runs once per forward pass for all layers at once (:meth:`count`),
         which costs a few kernel calls per step instead of a dozen per layer.
         """
-        rows = torch.arange(hidden.shape[0], device=hidden.device) * len(self.moe_layers) + slot
+        rows = (torch.arange(hidden.shape[0], device=hidden.device) + self.offset) * len(self.moe_layers) + slot
         self.logits.index_copy_(0, rows, torch.addmm(self.held_bias[slot], hidden.float(), self.router[slot].t()))
 
     def route(self, logits: torch.Tensor, layers: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -192,41 +208,72 @@ class RoutingRecorder(nn.Module):
 
     @torch.no_grad()
     def count(self, num_tokens: int) -> None:
-        """Add the routing of the forward pass that just ran (its first ``num_tokens`` rows).
+        """Take in the forward pass that just ran (its first ``num_tokens`` tokens).
 
-        Runs after the model's compiled graph, once per step, over every MoE layer's
-        logits at once. Tensor operations only, whose shapes depend on nothing but
-        ``num_tokens``, so it is also captured into, and replayed from, a CUDA graph
-        (which multiplies by the on/off flag when replayed); outside graph capture it
-        returns at once while recording is off, so tracing off costs one product per
-        layer.
-        Sums are weighted by the token weights (0/1), so padding and traffic while
-        recording is off add nothing; per step they are float32 sums of 0/1 terms, exact
-        below 2**24 tokens, added into the float64 totals.
+        Outside CUDA-graph capture it returns at once while recording is off, so tracing
+        off costs one product per layer. Otherwise the step's token weights are stored
+        next to its logits, and routing is counted (:meth:`flush`) once more than
+        ``count_batch_tokens`` tokens wait: with 0, at every step, in tensor operations
+        whose shapes depend only on ``num_tokens``, so a CUDA graph captures and replays
+        it (multiplying by the on/off flag when replayed).
         """
         if not (self._on or _capturing_cuda_graph()):
             return  # off, and no graph will replay this step: nothing would be added
-        weight = token_weights(num_tokens, self.active)
+        start = self._waiting
+        self.waiting_weight[start : start + num_tokens] = token_weights(num_tokens, self.active)
+        self._waiting = start + num_tokens
+        if self._waiting > self.count_batch_tokens:
+            self.flush()
+        else:
+            self.offset.fill_(self._waiting)
+
+    def pass_bytes_per_layer(self, num_tokens: int) -> int:
+        """Temporaries of a count pass per MoE layer: up to 6 float32 ``[tokens, experts]``
+        rows alive at once while routing (probabilities, scores, choice, masks), and each
+        token's ``top_k**2`` transition indices and weights (int64 and float64)."""
+        return num_tokens * (6 * 4 * self.num_experts + 16 * self.top_k**2)
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Count the routing of every waiting token, for all MoE layers at once.
+
+        Counts, gate sums and transitions are sparse: each token adds its weight (1, or 0
+        for padding and traffic while recording was off) at its top-k ids, and at its
+        ``top_k**2`` pairs of ids in consecutive layers, with ``index_add_`` into the float64
+        totals (integer counts stay exact up to 2**53). Only the probability sum is dense,
+        one product of the weights with the full softmax. Temporaries stay under
+        ``COUNT_PASS_BYTES``: a large pass is made for as many layers at a time as fit.
+        """
+        num_tokens, self._waiting = self._waiting, 0
+        if num_tokens == 0:
+            return
+        self.offset.zero_()
+        weight = self.waiting_weight[:num_tokens]
         sampled = self._sample_rows(weight) if self.sample_capacity else None
-        num_layers = len(self.moe_layers)
-        logits = self.logits[: num_tokens * num_layers].view(num_tokens, num_layers, self.num_experts)
-        chunk = max(1, COUNT_PASS_BYTES // (_DENSE_TENSORS * 4 * num_tokens * self.num_experts))
-        previous: torch.Tensor | None = None  # the routed rows of the layer before this chunk
+        num_layers, num_experts, top_k = len(self.moe_layers), self.num_experts, self.top_k
+        logits = self.logits[: num_tokens * num_layers].view(num_tokens, num_layers, num_experts)
+        token_weight = weight.double()[:, None, None]
+        totals, transitions = self.totals.view(-1), self.transitions.view(-1)
+        chunk = max(1, COUNT_PASS_BYTES // self.pass_bytes_per_layer(num_tokens))
+        previous: torch.Tensor | None = None  # the ids of the layer before this chunk
         for start in range(0, num_layers, chunk):
             layers = slice(start, min(start + chunk, num_layers))
             probs, ids, gates = self.route(logits[:, layers], layers)
-            routed = torch.zeros_like(probs).scatter_(-1, ids, 1.0)
-            gated = torch.zeros_like(probs).scatter_(-1, ids, gates)
-            stacked = torch.stack((routed, gated, probs), dim=2)  # [T, l, 3, E]
-            self.totals[layers] += (weight @ stacked.flatten(1)).view(stacked.shape[1:])
-            # transitions[l] pairs layer l's routed rows (token-weighted) with layer l+1's.
-            if previous is not None:
-                routed = torch.cat((previous[:, None], routed), dim=1)
+            self.totals[layers, 2] += (weight @ probs.flatten(1)).view(probs.shape[1:])
+            # totals[slot, 0 | 1, id]: the routed count and gate sum of an expert
+            routed_at = ids + torch.arange(layers.start, layers.stop, device=ids.device)[:, None] * (3 * num_experts)
+            totals.index_add_(0, routed_at.flatten(), token_weight.expand(ids.shape).flatten())
+            totals.index_add_(0, (routed_at + num_experts).flatten(), (gates.double() * token_weight).flatten())
+            # transitions[slot, a, b]: every (id in layer slot, id in layer slot + 1) of a token
+            pairs = ids if previous is None else torch.cat((previous, ids), dim=1)
             first = start - (previous is not None)
-            if routed.shape[1] > 1:
-                before = (routed[:, :-1] * weight[:, None, None]).permute(1, 2, 0)  # [l, E, T]
-                self.transitions[first : first + before.shape[0]] += before @ routed[:, 1:].transpose(0, 1)
-            previous = routed[:, -1]
+            if pairs.shape[1] > 1:
+                pair_at = pairs[:, :-1, :, None] * num_experts + pairs[:, 1:, None, :]  # [T, l, k, k]
+                pair_at += (torch.arange(first, first + pair_at.shape[1], device=ids.device) * num_experts**2)[
+                    :, None, None
+                ]
+                transitions.index_add_(0, pair_at.flatten(), token_weight[..., None].expand(pair_at.shape).flatten())
+            previous = ids[:, -1:]
             if sampled is not None:
                 self.sample_ids[sampled, layers] = ids.to(self.sample_ids.dtype)
                 self.sample_probs[sampled, layers] = probs.gather(-1, ids)
@@ -244,6 +291,7 @@ class RoutingRecorder(nn.Module):
         return self.sample_ids.shape[0] - 1
 
     def set_active(self, on: bool) -> None:
+        self.flush()  # tokens recorded while on are counted as on
         self.active.fill_(float(on))
         self._on = on
 
@@ -257,15 +305,17 @@ class RoutingRecorder(nn.Module):
     @property
     def traced_tokens(self) -> int:
         """Tokens counted since the last drain: the first layer's routed count over top_k."""
+        self.flush()
         return int(self.totals[0, 0].sum().round()) // self.top_k
 
     def snapshot(self) -> RoutingStats:
         """The statistics gathered since the last drain (a copy; resets nothing)."""
+        tokens = self.traced_tokens  # counts the waiting tokens first
         totals = self.totals.cpu()
         return RoutingStats(
             moe_layers=self.moe_layers,
             top_k=self.top_k,
-            tokens=self.traced_tokens,
+            tokens=tokens,
             counts=totals[:, 0].round().long(),
             gate_sum=totals[:, 1].clone(),
             prob_sum=totals[:, 2].clone(),

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .capture import RoutingRecorder
+from .capture import COUNT_BATCH_TOKENS, RoutingRecorder
 from .settings import SampleSettings
 from vllm_moe_prune.checkpoint import held_expert_counts
 from vllm_moe_prune.families import FAMILIES, MoEShape
@@ -133,6 +133,7 @@ def _make_pruned_class(model_type: str) -> type[nn.Module]:
     class PrunedModel(base):  # type: ignore[misc, valid-type]
         def __init__(self, *, vllm_config, prefix: str = "") -> None:
             from vllm.model_executor.models.utils import extract_layer_index
+            from vllm.platforms import current_platform
 
             if vllm_config.parallel_config.pipeline_parallel_size > 1:
                 raise ValueError(
@@ -165,7 +166,12 @@ def _make_pruned_class(model_type: str) -> type[nn.Module]:
             self.moe_prune_held = held_expert_counts(config.to_dict(), shape)
             sampling = SampleSettings.from_env()
             recorder = RoutingRecorder(
-                shape, config.hidden_size, vllm_config.scheduler_config.max_num_batched_tokens, sampling.capacity
+                shape,
+                config.hidden_size,
+                vllm_config.scheduler_config.max_num_batched_tokens,
+                sampling.capacity,
+                # Counting several steps together needs Python state a CUDA graph would not replay.
+                count_batch_tokens=COUNT_BATCH_TOKENS if current_platform.is_cpu() else 0,
             )
             self.moe_prune_recorder = recorder
             if sampling.capacity:

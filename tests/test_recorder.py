@@ -5,7 +5,8 @@ routing transformers performs; these isolate the recorder's two halves for every
 rule (softmax top-k; DeepSeek-V2 grouped by best expert; DeepSeek-V3 sigmoid + score
 bias, grouped by best two), pruned, at two batch sizes: the per-layer ``record`` traced
 by torch.compile into one dynamic-shape graph, and the per-step ``count`` that batches
-all layers (whole, or in chunks of layers when a step is large).
+all layers (whole, or in chunks of layers when a step is large), either at every step
+(where CUDA graphs replay the model) or for several steps at once (on CPU).
 """
 
 from __future__ import annotations
@@ -25,13 +26,15 @@ KEPT = {"qwen3_moe": [[0, 1, 2, 4, 5, 6, 7], [1, 3, 4, 7], [0, 1, 2, 3, 4, 5, 6,
 HIDDEN, TOKENS = 64, 40
 
 
-def recorder_for(family: str, tiny_root, sample_capacity: int = 0) -> tuple[RoutingRecorder, list[torch.Tensor]]:
+def recorder_for(
+    family: str, tiny_root, sample_capacity: int = 0, count_batch_tokens: int = capture.COUNT_BATCH_TOKENS
+) -> tuple[RoutingRecorder, list[torch.Tensor]]:
     """A recorder with random routers loaded as the model classes load them, and hidden states."""
     ckpt = Checkpoint.open(tiny_checkpoint(family, tiny_root))
     shape = ckpt.shape
     shape = type(shape)(**{**shape.__dict__, "moe_layers": tuple(range(len(KEPT[family])))})
     generator = torch.Generator().manual_seed(0)
-    recorder = RoutingRecorder(shape, HIDDEN, 256, sample_capacity)
+    recorder = RoutingRecorder(shape, HIDDEN, 256, sample_capacity, count_batch_tokens)
     for slot, kept in enumerate(KEPT[family]):
         recorder.set_router(slot, torch.randn(shape.num_experts, HIDDEN, generator=generator), kept)
         if recorder.score_bias is not None:
@@ -76,7 +79,7 @@ def test_counting_in_chunks_of_layers_equals_one_pass(family, tiny_root, monkeyp
     whole, hidden = recorder_for(family, tiny_root)
     step(whole, hidden)
     want, _ = whole.drain()
-    row_bytes = capture._DENSE_TENSORS * 4 * TOKENS * whole.num_experts
+    row_bytes = whole.pass_bytes_per_layer(TOKENS)
     for layers_per_chunk in (1, 2):  # chunk borders fall between every pair of layers
         monkeypatch.setattr(capture, "COUNT_PASS_BYTES", layers_per_chunk * row_bytes)
         chunked, _ = recorder_for(family, tiny_root)
@@ -86,6 +89,30 @@ def test_counting_in_chunks_of_layers_equals_one_pass(family, tiny_root, monkeyp
         assert torch.equal(got.transitions, want.transitions)
         torch.testing.assert_close(got.gate_sum, want.gate_sum)
         torch.testing.assert_close(got.prob_sum, want.prob_sum)
+
+
+@pytest.mark.parametrize("family", list(KEPT))
+def test_steps_counted_together_equal_steps_counted_one_by_one(family, tiny_root):
+    """Steps of different sizes and hidden states: with 0 every step is counted at once;
+    with 50, the first two steps (80 tokens) are counted together at the second, the
+    third waits until the drain. Compiled, as vLLM runs ``record``, so the running offset
+    the graph reads is checked too: rows written at a stale offset change the counts."""
+    record = torch.compile(lambda r, h: [r.record(x, slot) for slot, x in enumerate(h)], dynamic=True)
+    results = []
+    for count_batch_tokens in (0, 50):
+        recorder, hidden = recorder_for(family, tiny_root, count_batch_tokens=count_batch_tokens)
+        for cut, shift in ((TOKENS, 0), (TOKENS, 7), (23, 13)):
+            step(recorder, [h.roll(shift, dims=0)[:cut] for h in hidden], record)
+        assert recorder._waiting == (0 if count_batch_tokens == 0 else 23)
+        results.append(recorder.drain()[0])
+        assert recorder._waiting == 0 and int(recorder.offset) == 0
+    each, together = results
+    assert each.tokens == together.tokens == 2 * TOKENS + 23
+    assert torch.equal(together.counts, each.counts)
+    assert torch.equal(together.transitions, each.transitions)
+    # float32 sums over other groupings of tokens: equal up to rounding
+    torch.testing.assert_close(together.gate_sum, each.gate_sum, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(together.prob_sum, each.prob_sum, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("in_graph_capture", [False, True], ids=["skipped", "weighted-by-flag"])
