@@ -118,9 +118,12 @@ def test_steps_counted_together_equal_steps_counted_one_by_one(family, tiny_root
 @pytest.mark.parametrize("in_graph_capture", [False, True], ids=["skipped", "weighted-by-flag"])
 def test_recording_off_adds_nothing_and_drain_resets(in_graph_capture, tiny_root, monkeypatch):
     """Off, count returns at once, except while a CUDA graph is captured: then it runs and
-    the on/off flag (a tensor the replayed graph reads) zeroes every token's weight."""
+    the on/off flag (a tensor the replayed graph reads) zeroes every token's weight.
+    There is no GPU here, so graph capture is simulated: the recorder is made as on a
+    CUDA device (every step counted at once) and the capture check is patched."""
     monkeypatch.setattr(capture, "_capturing_cuda_graph", lambda: in_graph_capture)
-    recorder, hidden = recorder_for("qwen3_moe", tiny_root)
+    recorder, hidden = recorder_for("qwen3_moe", tiny_root, count_batch_tokens=0)
+    recorder._graphs = True
     recorder.set_active(False)
     step(recorder, hidden)
     off, _ = recorder.drain()
@@ -133,6 +136,26 @@ def test_recording_off_adds_nothing_and_drain_resets(in_graph_capture, tiny_root
     step(recorder, hidden)
     assert recorder.drain()[0].tokens == TOKENS
     assert recorder.drain()[0].tokens == 0
+
+
+def test_padding_rows_add_nothing(tiny_root):
+    """vLLM marks padding rows (warm-up, CUDA-graph padding) in the forward context's
+    ``is_padding``: a step of 40 rows whose last 8 are padding counts as its first 32."""
+    from vllm.forward_context import ForwardContext, override_forward_context
+
+    padded, hidden = recorder_for("deepseek_v3", tiny_root)
+    is_padding = torch.arange(TOKENS) >= TOKENS - 8
+    with override_forward_context(ForwardContext(no_compile_layers={}, attn_metadata={}, slot_mapping={},
+                                                 is_padding=is_padding)):
+        step(padded, hidden)
+    unpadded, _ = recorder_for("deepseek_v3", tiny_root)
+    step(unpadded, [h[: TOKENS - 8] for h in hidden])
+    got, want = padded.drain()[0], unpadded.drain()[0]
+    assert got.tokens == want.tokens == TOKENS - 8
+    assert torch.equal(got.counts, want.counts)
+    assert torch.equal(got.transitions, want.transitions)
+    torch.testing.assert_close(got.prob_sum, want.prob_sum)
+    torch.testing.assert_close(got.gate_sum, want.gate_sum)
 
 
 def test_sampling_at_rate_one_keeps_every_token_routing(tiny_root):
