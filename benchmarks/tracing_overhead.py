@@ -519,10 +519,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{nearest['count_us_per_step']:.0f} us of count at {nearest['tokens']} tokens), so {steps} steps predict "
         f"{predicted_s * 1e3:.0f} ms more per round ({predicted_s / stock_s:.1%} of a stock round); measured: "
         f"{(capture_s - stock_s) * 1e3:.0f} ms ({(capture_s - stock_s) / stock_s:.1%}, median rounds over all "
-        "repetitions). Counters OFF skips `count` and keeps `record`. The testbed's layers are tiny "
-        "(hidden 128, a step takes milliseconds), so capture's fixed cost per step is a large share of a step; "
-        "on a real model the recording work is a [tokens x hidden] x [hidden x experts] product per layer plus "
-        "one batched counting pass per ~1000 tokens, small next to the experts' matmuls."
+        "repetitions). Counters OFF skips `count` and keeps `record`. Capture's work per token is a "
+        "[hidden x experts] router product and the routing of every MoE layer, the model's is its attention and "
+        "active experts: the narrower the experts (the testbed: hidden 128, width 128), the larger capture's share."
     )
     if not args.no_profile:
         estimate["profile"] = {}

@@ -30,7 +30,7 @@ in ORIGINAL expert ids, also on a pruned variant:
   layer-to-layer ``transitions``.
 
 Optional per-token sampling (off unless the server is started with a sample capacity):
-a random share of the traced tokens, chosen once per forward pass, has its top-k ids and
+a random share of the traced tokens, drawn when they are counted, has its top-k ids and
 their full-softmax probabilities written, for every MoE layer, into a ring buffer of
 fixed capacity, so memory stays bounded whatever the traffic. Neither text nor token ids
 are captured.
