@@ -7,7 +7,8 @@ measures them honestly (its text is nonsense; only its speed is used):
 
     python benchmarks/scaled_model.py --out runs/scaled-model
     flock /tmp/vllm-engine.lock python benchmarks/tracing_overhead.py --model runs/scaled-model \\
-        --variants stock capture --results-name tracing_overhead_scaled
+        --variants stock capture --reps 2 --rounds 6 --max-tokens 48 \\
+        --results-name tracing_overhead_scaled
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ from vllm_moe_prune.testbed import TESTBED_MODEL
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="new directory for the checkpoint")
-    parser.add_argument("--hidden", type=int, default=1024, help="hidden size (testbed: 128)")
-    parser.add_argument("--experts", type=int, default=32, help="routed experts per MoE layer (testbed: 16)")
-    parser.add_argument("--top-k", type=int, default=4, help="experts per token (testbed: 2)")
-    parser.add_argument("--expert-width", type=int, default=512, help="moe_intermediate_size (testbed: 128)")
-    parser.add_argument("--layers", type=int, default=4, help="decoder layers, all MoE (testbed: 4)")
+    parser.add_argument("--hidden", type=int, default=512, help="hidden size (testbed: 128)")
+    parser.add_argument("--experts", type=int, default=64, help="routed experts per MoE layer (testbed: 16)")
+    parser.add_argument("--top-k", type=int, default=6, help="experts per token (testbed: 2)")
+    parser.add_argument("--expert-width", type=int, default=256, help="moe_intermediate_size (testbed: 128)")
+    parser.add_argument("--layers", type=int, default=16, help="decoder layers, all MoE (testbed: 4)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
