@@ -176,9 +176,8 @@ def micro_benchmark(token_counts: list[int], hidden_size: int, num_experts: int,
     router = torch.randn(num_experts, hidden_size)
 
     def make(capacity: int = 0) -> RoutingRecorder:
-        rec = RoutingRecorder(shape, hidden_size, max(token_counts), capacity)
-        for slot in range(num_layers):
-            rec.set_router(slot, router, list(range(num_experts)))
+        every = [num_experts] * num_layers  # an unpruned model: every layer routes to all it holds
+        rec = RoutingRecorder(shape, hidden_size, max(token_counts), every, every, capacity)
         rec.set_active(True)
         if capacity:
             rec.set_sample_rate(sample_rate)
@@ -187,21 +186,33 @@ def micro_benchmark(token_counts: list[int], hidden_size: int, num_experts: int,
     recorder = make()
     sampler = make(sample_capacity) if sample_capacity else None
 
-    def record_all(rec: RoutingRecorder, hidden: torch.Tensor) -> None:
-        for slot in range(num_layers):
-            rec.record(hidden, slot)
+    def route(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # what the model computes
+        logits = hidden @ router.t()
+        weights, ids = torch.softmax(logits, dim=-1).topk(top_k, dim=-1)
+        return logits, weights, ids
 
-    def forward_router(hidden: torch.Tensor) -> list[torch.Tensor]:  # the model's own routing, every layer
-        return [torch.softmax(hidden @ router.t(), dim=-1).topk(top_k, dim=-1)[1] for _ in range(num_layers)]
+    def record_all(rec: RoutingRecorder, hidden: torch.Tensor, routed) -> None:
+        for slot in range(num_layers):
+            rec.record(slot, hidden, *routed)
+
+    def forward_router(hidden: torch.Tensor, rec: RoutingRecorder | None = None) -> list:
+        """The model's own routing, every layer, recorded by ``rec`` as the plugin's router does."""
+        out = []
+        for slot in range(num_layers):
+            out.append(route(hidden))
+            if rec is not None:
+                rec.record(slot, hidden, *out[-1])
+        return out
 
     rows = []
     for tokens in token_counts:
         hidden = torch.randn(tokens, hidden_size)
-        record_all(recorder, hidden)
+        routed = route(hidden)
+        record_all(recorder, hidden, routed)
         calls = max(10, min(500, 5000 // tokens))
         rows.append({
             "tokens": tokens,
-            "record_us_per_layer": _time_calls(lambda: record_all(recorder, hidden), calls) * 1e6 / num_layers,
+            "record_us_per_layer": _time_calls(lambda: record_all(recorder, hidden, routed), calls) * 1e6 / num_layers,
             "count_us_per_step": _time_calls(lambda: recorder.count(tokens), calls) * 1e6,
             "sampling_count_us_per_step": (_time_calls(lambda: sampler.count(tokens), calls) * 1e6
                                            if sampler is not None else None),
@@ -212,13 +223,16 @@ def micro_benchmark(token_counts: list[int], hidden_size: int, num_experts: int,
         hidden = torch.randn(compile_tokens, hidden_size)
         try:
             t0 = time.perf_counter()
-            rec_c = torch.compile(lambda h: record_all(recorder, h), dynamic=False)
+            # The router with recording vs without, both compiled: the difference is record's share.
+            rec_c = torch.compile(lambda h: forward_router(h, recorder), dynamic=False)
             route_c = torch.compile(forward_router, dynamic=False)
             rec_c(hidden), route_c(hidden)
+            routed_us = _time_calls(lambda: rec_c(hidden), 500) * 1e6 / num_layers
+            router_us = _time_calls(lambda: route_c(hidden), 500) * 1e6 / num_layers
             compiled = {
                 "tokens": compile_tokens,
-                "record_us_per_layer": _time_calls(lambda: rec_c(hidden), 500) * 1e6 / num_layers,
-                "router_us_per_layer": _time_calls(lambda: route_c(hidden), 500) * 1e6 / num_layers,
+                "record_us_per_layer": routed_us - router_us,
+                "router_us_per_layer": router_us,
                 "compile_s": time.perf_counter() - t0,
             }
         except Exception as exc:  # noqa: BLE001 - report, do not lose the engine results
@@ -383,9 +397,10 @@ def markdown(summary: dict[str, Any], micro: dict[str, Any], config: dict[str, A
     lines += [
         f"Where the time goes. (1) Capture's two parts for one forward pass, timed alone on one CPU thread "
         f"(hidden {dims['hidden']}, {dims['experts']} experts, top-{dims['top_k']}, {dims['layers']} MoE layers): "
-        "`record` (per MoE layer, inside the compiled graph: router logits into the scratch buffer) and `count` "
+        "`record` (per MoE layer, inside the compiled graph: the routing the model computed, its logits, gates "
+        "and expert ids, into the scratch buffer) and `count` "
         "(once per step, eager: keeps the step's token weights, and once more than "
-        f"{micro['count_batch_tokens']} tokens wait routes and counts them for all layers at once; the cost "
+        f"{micro['count_batch_tokens']} tokens wait counts them for all layers at once; the cost "
         "shown is the mean per step, counting passes included); `router` is the routing the model "
         "computes per layer anyway (logits, softmax, top-k), for scale.",
         "",
@@ -398,9 +413,9 @@ def markdown(summary: dict[str, Any], micro: dict[str, Any], config: dict[str, A
                      f"{sampled} | {row['router_us_per_layer']:.0f} |")
     comp = micro.get("compiled") or {}
     if "record_us_per_layer" in comp:
-        lines += ["", f"torch.compile'd (inductor, as vLLM compiles the model), {comp['tokens']} tokens: record "
-                  f"{comp['record_us_per_layer']:.0f} us per layer vs router {comp['router_us_per_layer']:.0f} us per "
-                  "layer."]
+        lines += ["", f"torch.compile'd (inductor, as vLLM compiles the model), {comp['tokens']} tokens: the router "
+                  f"{comp['router_us_per_layer']:.0f} us per layer, record adds {comp['record_us_per_layer']:.0f} us "
+                  "per layer (the difference of the router compiled with and without it)."]
     elif comp:
         lines += ["", f"torch.compile'd micro-benchmark failed: {comp['error']}"]
     lines += ["", f"Profile of `count` at {micro['profile_tokens']} tokens: {micro['aten_ops_per_step']:.0f} profiler "
@@ -519,9 +534,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{nearest['count_us_per_step']:.0f} us of count at {nearest['tokens']} tokens), so {steps} steps predict "
         f"{predicted_s * 1e3:.0f} ms more per round ({predicted_s / stock_s:.1%} of a stock round); measured: "
         f"{(capture_s - stock_s) * 1e3:.0f} ms ({(capture_s - stock_s) / stock_s:.1%}, median rounds over all "
-        "repetitions). Counters OFF skips `count` and keeps `record`. Capture's work per token is a "
-        "[hidden x experts] router product and the routing of every MoE layer, the model's is its attention and "
-        "active experts: the narrower the experts (the testbed: hidden 128, width 128), the larger capture's share."
+        "repetitions). Counters OFF skips `count` and keeps `record`. Capture's work per token is a copy of "
+        "its routing and, when counted, a softmax over every expert and a few index additions per MoE layer, the "
+        "model's is its attention and active experts: the narrower the experts (the testbed: hidden 128, width "
+        "128), the larger capture's share."
     )
     if not args.no_profile:
         estimate["profile"] = {}

@@ -4,14 +4,16 @@ Python hooks installed after vLLM compiles the model never run (torch.compile on
 CUDA-graph replay on GPU). So capture is plain tensor code on buffers registered on the
 model at construction (:class:`RoutingRecorder`), in two parts:
 
-1. inside each MoE block's forward, which vLLM compiles: one matrix product writes the
-   layer's router logits over every original expert into a ``[tokens, layers, experts]``
-   scratch buffer (:meth:`RoutingRecorder.record`);
+1. inside each MoE layer's router, which vLLM compiles with the model: the routing the
+   model has just computed (its router logits, chosen expert ids and gate weights) is
+   written into a ``[tokens, layers, experts + 2 * top_k]`` scratch buffer with one
+   ``index_copy_`` (:meth:`RoutingRecorder.record`). Nothing is routed a second time:
+   what is counted is exactly what the model did;
 2. after the compiled model returns, in the model class's own (uncompiled) forward:
-   routing, counting and sampling for all layers at once (:meth:`RoutingRecorder.count`).
+   counting and sampling for all layers at once (:meth:`RoutingRecorder.count`).
 
 Counting is a few dozen small tensor operations whatever the number of tokens, and at
-decode batch sizes their fixed cost dominates. So on CPU the scratch holds the logits of
+decode batch sizes their fixed cost dominates. So on CPU the scratch holds the routing of
 several forward passes: each step's rows are appended at a running offset, and they are
 counted together once ``count_batch_tokens`` tokens wait (and before any read of the
 statistics), which spreads that fixed cost over many steps. Where a CUDA graph may replay
@@ -21,13 +23,14 @@ data-dependent Python and no host read, so the graph repeats it on the same buff
 What is recorded per MoE layer (see :class:`vllm_moe_prune.stats.RoutingStats`), always
 in ORIGINAL expert ids, also on a pruned variant:
 
-* the full router (every original expert's row, kept on the recorder as a buffer) gives the
-  full-softmax probabilities: ``prob_sum`` and, from it, live coverage of the kept set;
-* the routing the variant really performs, restricted to its kept experts (softmax or
-  DeepSeek-V3's sigmoid scores, DeepSeek's score-correction bias and grouped top-k,
-  top-k, optional renormalisation; see :meth:`RoutingRecorder.route`) gives ``counts``,
-  ``gate_sum`` (gate weights before DeepSeek's constant ``routed_scaling_factor``) and
-  layer-to-layer ``transitions``.
+* ``prob_sum``: the full softmax over every original expert, and from it live coverage of
+  the kept set. The model's logits cover the experts it keeps; on a pruned variant the
+  router rows of the experts it dropped are kept on the recorder (a buffer), and their
+  logits are one extra matrix product of the layer's input. Experts a checkpoint lacks
+  (a non-uniform export) have logit -inf: probability 0;
+* ``counts``, ``gate_sum`` (gate weights before DeepSeek's constant
+  ``routed_scaling_factor``) and layer-to-layer ``transitions``: from the expert ids and
+  weights the model's router returned, mapped from the variant's ids to the original ones.
 
 Optional per-token sampling (off unless the server is started with a sample capacity):
 a random share of the traced tokens, drawn when they are counted, has its top-k ids and
@@ -57,9 +60,9 @@ from vllm_moe_prune.stats import RoutingStats
 #: time as fit, so a long prefill on a model with many layers does not allocate
 #: gigabytes for a moment.
 COUNT_PASS_BYTES = 64 << 20
-#: Tokens whose logits wait in the scratch before they are counted together (on CPU):
-#: a count pass has a fixed cost of a few dozen tensor operations, which this spreads
-#: over many decode steps.
+#: Tokens whose routing waits in the scratch before it is counted (on CPU): a count pass
+#: has a fixed cost of a few dozen tensor operations, which this spreads over many
+#: decode steps.
 COUNT_BATCH_TOKENS = 1024
 
 
@@ -81,31 +84,19 @@ def _store_real_tokens(out: torch.Tensor) -> None:
         torch.logical_not(is_padding[: out.shape[0]], out=out)
 
 
-def _top_k_indices(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` largest ``values`` along the last dimension, largest first.
-
-    ``k`` passes of max, each masking its pick: on CPU, about twice as fast as
-    ``torch.topk`` at 16 experts, top-2, and no slower at 128 experts, top-8; top-k is
-    most of a count pass (``max`` with its indices is also faster than ``argmax`` there).
-    Exact ties pick the lowest index, as ``max`` does.
-    """
-    values = values.clone()
-    picked = []
-    for _ in range(k):
-        index = values.max(dim=-1, keepdim=True).indices
-        picked.append(index)
-        values.scatter_(-1, index, float("-inf"))
-    return torch.cat(picked, dim=-1)
-
-
 class RoutingRecorder(nn.Module):
-    """The model-wide capture state: router rows, statistics buffers, the on/off switch.
+    """The model-wide capture state: statistics buffers, the routing scratch, the switch.
 
     Buffers are non-persistent (never in a state dict) and created on the model's device
     at construction, so the compiled graph and CUDA graphs capture their addresses once,
-    and vLLM's memory profiling counts them with the model. The largest is the logits
-    scratch: ``(max_tokens + count_batch_tokens) x MoE layers x experts`` float32 (for
-    example 2.3 MiB on the testbed at 8192 tokens, 216 MiB for 48 layers of 128 experts).
+    and vLLM's memory profiling counts them with the model. The largest is the routing
+    scratch: ``(max_tokens + count_batch_tokens) x MoE layers x (experts + 2 top_k)``
+    float32 (for example 2.6 MiB on the testbed at 8192 tokens, 232 MiB for 48 layers of
+    128 experts, top-8); a pruned variant adds the router rows of its pruned experts.
+
+    ``routed[slot]`` is the number of experts MoE layer ``slot`` routes among (its kept
+    experts) and ``held[slot]`` how many the checkpoint holds (all of them, except in a
+    non-uniform export); both are fixed when the model is built.
     """
 
     def __init__(
@@ -113,6 +104,8 @@ class RoutingRecorder(nn.Module):
         shape: MoEShape,
         hidden_size: int,
         max_tokens: int,
+        routed: list[int],
+        held: list[int],
         sample_capacity: int = 0,
         count_batch_tokens: int = COUNT_BATCH_TOKENS,
     ) -> None:
@@ -122,29 +115,34 @@ class RoutingRecorder(nn.Module):
         self.num_experts = num_experts = shape.num_experts
         self.top_k = top_k = shape.top_k
         num_layers = len(shape.moe_layers)
+        if not (len(routed) == len(held) == num_layers and all(0 < r <= h <= num_experts for r, h in zip(routed, held))):
+            raise ValueError(f"expert counts per MoE layer {routed} (routed) / {held} (held) do not fit {num_experts} experts")
+        self.routed, self.held = list(routed), list(held)
 
         def buffer(name: str, *size: int, dtype: torch.dtype = torch.float32) -> None:
             self.register_buffer(name, torch.zeros(*size, dtype=dtype), persistent=False)
 
-        # What each layer routes with, in original expert ids: every expert's router row,
-        # 0 or -inf (an expert the checkpoint lacks, in a non-uniform export), the experts
-        # the variant keeps, and DeepSeek-V3's e_score_correction_bias.
-        buffer("router", num_layers, num_experts, hidden_size)
-        buffer("held_bias", num_layers, num_experts)
-        buffer("kept", num_layers, num_experts, dtype=torch.bool)
-        self._pruned = [False] * num_layers
-        self.score_bias: torch.Tensor | None
-        score_bias = torch.zeros(num_layers, num_experts, dtype=torch.float32) if shape.family.router_extras else None
-        self.register_buffer("score_bias", score_bias, persistent=False)
-        # Token-major and flat: row ``t * layers + slot``. Each layer writes its rows with one
-        # ``index_copy_``, which the compiled graph performs in place; a write through a
-        # slice view made inductor copy the whole buffer every step.
-        # Steps append at ``offset`` until more than count_batch_tokens tokens wait, so the
-        # rows of one more step of up to max_tokens always fit.
+        # Router rows of the experts a layer holds but does not route to (a pruned
+        # variant), for their share of the full softmax; none on an unpruned model.
+        buffer("dropped_router", num_layers, max(h - r for r, h in zip(routed, held)), hidden_size)
+        # The original id of each of a layer's columns: its routed experts (the model's
+        # own ids 0..routed-1), then its dropped experts, then the experts it lacks.
+        buffer("original_id", num_layers, num_experts, dtype=torch.int64)
+        # The column of each original expert (the inverse): logits are stored by original id.
+        buffer("column", num_layers, num_experts, dtype=torch.int64)
+        self._renumbered = [False] * num_layers  # read at trace time: identity layers skip the maps
+        for slot in range(num_layers):
+            self.set_kept(slot, list(range(routed[slot])))
+        # Token-major and flat: row ``t * layers + slot`` holds one token's routing in one
+        # layer: logits of every original expert, then top-k gates, then top-k original ids.
+        # Each layer writes its rows with one ``index_copy_``, which the compiled graph
+        # performs in place (a write through a slice view made inductor copy the whole
+        # buffer every step). Steps append at ``offset`` until more than count_batch_tokens
+        # tokens wait, so the rows of one more step of up to max_tokens always fit.
         self.count_batch_tokens = count_batch_tokens
         # Only where every step is counted at once may a CUDA graph capture count().
         self._graphs = count_batch_tokens == 0 and torch.cuda.is_available()
-        buffer("logits", (max_tokens + count_batch_tokens) * num_layers, num_experts)
+        buffer("scratch", (max_tokens + count_batch_tokens) * num_layers, num_experts + 2 * top_k)
         buffer("waiting_real", max_tokens + count_batch_tokens)  # 1 per waiting real token, 0 for padding
         buffer("offset", 1, dtype=torch.int64)  # read by record() inside the graph
         self._waiting = 0  # the same, in Python
@@ -161,80 +159,58 @@ class RoutingRecorder(nn.Module):
         buffer("sample_count", 1, dtype=torch.int64)
 
     def set_kept(self, slot: int, kept: list[int]) -> None:
-        """The original ids MoE layer ``slot`` of the variant routes to (set before serving)."""
-        self.kept[slot] = False
-        self.kept[slot, kept] = True
-        # Read by count() in Python: a layer keeping every expert skips the masking ops.
-        self._pruned[slot] = len(kept) < self.num_experts
+        """The original ids MoE layer ``slot`` routes to, in the order of its own expert ids."""
+        routed, held = self.routed[slot], self.held[slot]
+        if len(kept) != routed or len(set(kept)) != routed or not all(0 <= e < held for e in kept):
+            raise ValueError(f"MoE layer slot {slot} routes to {routed} of {held} held experts, not {kept}")
+        kept_set = set(kept)
+        order = list(kept) + [e for e in range(held) if e not in kept_set] + list(range(held, self.num_experts))
+        self.original_id[slot] = torch.tensor(order)
+        self.column[slot, order] = torch.arange(self.num_experts, device=self.column.device)
+        self._renumbered[slot] = order != list(range(self.num_experts))
 
     def set_router(self, slot: int, rows: torch.Tensor, kept: list[int]) -> None:
         """Load MoE layer ``slot``'s router: the ``rows`` the checkpoint holds and the ids kept."""
-        held = rows.shape[0]
-        self.router[slot, :held].copy_(rows.float())
-        self.held_bias[slot, held:] = float("-inf")
         self.set_kept(slot, kept)
+        dropped = self.original_id[slot, self.routed[slot] : self.held[slot]].tolist()
+        self.dropped_router[slot, : len(dropped)].copy_(rows[dropped].float())
 
-    def set_score_bias(self, slot: int, bias: torch.Tensor) -> None:
-        self.score_bias[slot, : bias.shape[0]].copy_(bias.float())
+    def record(
+        self, slot: int, hidden: torch.Tensor, logits: torch.Tensor, gates: torch.Tensor, ids: torch.Tensor
+    ) -> None:
+        """Keep the routing MoE layer ``slot`` just computed for the ``T`` tokens of this pass.
 
-    def record(self, hidden: torch.Tensor, slot: int) -> None:
-        """Keep MoE layer ``slot``'s router logits over every original expert for ``hidden [T, H]``.
-
-        Called inside the MoE block, so it is traced into vLLM's compiled graph: one
-        matrix product into the logits scratch at the running offset, nothing else.
-        Everything that depends on the routing rule runs later for all layers at once
-        (:meth:`flush`), which costs a few kernel calls per pass instead of a dozen per layer.
+        ``hidden [T, H]`` is the layer's input, ``logits [T, routed]`` its router logits,
+        ``gates`` and ``ids`` ``[T, top_k]`` the weights and (the model's own) expert ids
+        its router chose. Called inside the router, so it is traced into vLLM's compiled
+        graph: the row assembly below fuses into one kernel that writes the scratch at the
+        running offset. Python branches depend only on the layer, never on the data.
         """
-        rows = (torch.arange(hidden.shape[0], device=hidden.device) + self.offset) * len(self.moe_layers) + slot
-        self.logits.index_copy_(0, rows, torch.addmm(self.held_bias[slot], hidden.float(), self.router[slot].t()))
-
-    def route(self, logits: torch.Tensor, layers: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Full-softmax ``probs [T, l, E]`` and the variant's choice ``(ids, gates) [T, l, k]``.
-
-        ``logits [T, l, E]`` are those of the MoE layers ``layers``. The variant routes among
-        its kept experts only: softmax over them is the full softmax restricted to them and
-        rescaled; DeepSeek-V3 scores each expert with a sigmoid and chooses by score plus
-        correction bias. With groups (every group keeps the same number of experts), a
-        token first picks ``topk_groups`` groups by their best (V2) or two best (V3) kept
-        choice scores, then its top-k experts inside them. Ids are original expert ids.
-        """
-        shape = self.shape
-        probs = logits.softmax(dim=-1)
-        scores = logits.sigmoid() if shape.scoring == "sigmoid" else probs
-        pruned = any(self._pruned[layers])
-        if pruned:
-            kept = self.kept[layers]
-            scores = scores * kept
-            if shape.scoring != "sigmoid":
-                scores = scores / scores.sum(dim=-1, keepdim=True)
-        choice = scores if self.score_bias is None else scores + self.score_bias[layers]
-        if pruned:
-            choice = choice.masked_fill(~kept, float("-inf"))
-        if shape.num_groups > 1:
-            grouped = choice.unflatten(-1, (shape.num_groups, -1))
-            if shape.group_score == "top2_sum":
-                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
-            else:
-                group_scores = grouped.amax(dim=-1)
-            picked = group_scores.topk(shape.topk_groups, dim=-1).indices
-            allowed = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(-1, picked, True)
-            choice = grouped.masked_fill(~allowed[..., None], float("-inf")).flatten(-2)
-        ids = _top_k_indices(choice, self.top_k)
-        gates = scores.gather(-1, ids)
-        if shape.renormalise:
-            gates = gates / gates.sum(dim=-1, keepdim=True)
-        return probs, ids, gates
+        num_tokens = logits.shape[0]
+        routed, held = self.routed[slot], self.held[slot]
+        parts = [logits.float()]
+        if held > routed:  # the experts this variant dropped, for the full softmax
+            parts.append(hidden[:, : self.dropped_router.shape[2]].float() @ self.dropped_router[slot, : held - routed].t())
+        if held < self.num_experts:  # experts the checkpoint lacks
+            parts.append(logits.new_full((num_tokens, self.num_experts - held), float("-inf"), dtype=torch.float32))
+        full = torch.cat(parts, dim=-1)
+        if self._renumbered[slot]:
+            full = full[:, self.column[slot]]
+            ids = self.original_id[slot][ids.long()]
+        row = torch.cat([full, gates.float(), ids.float()], dim=-1)
+        at = (torch.arange(num_tokens, device=row.device) + self.offset) * len(self.moe_layers) + slot
+        self.scratch.index_copy_(0, at, row)
 
     @torch.no_grad()
     def count(self, num_tokens: int) -> None:
         """Take in the forward pass that just ran (its first ``num_tokens`` tokens).
 
         Outside CUDA-graph capture it returns at once while recording is off, so tracing
-        off costs one product per layer. Otherwise the step's padding mask is stored next
-        to its logits (one tensor operation while its tokens wait: per-operation overhead
-        is most of the cost at decode batch sizes), and routing is counted (:meth:`flush`)
-        once more than ``count_batch_tokens`` tokens wait: with 0, at every step, in
-        tensor operations whose shapes depend only on ``num_tokens``, so a CUDA graph
+        off costs only the scratch writes. Otherwise the step's padding mask is stored next
+        to its routing (one tensor operation while its tokens wait: per-operation overhead
+        is most of the cost at decode batch sizes), and the waiting tokens are counted
+        (:meth:`flush`) once more than ``count_batch_tokens`` wait: with 0, at every step,
+        in tensor operations whose shapes depend only on ``num_tokens``, so a CUDA graph
         captures and replays it (weighted by the on/off flag when replayed).
         """
         if not (self._on or (self._graphs and _capturing_cuda_graph())):
@@ -248,10 +224,10 @@ class RoutingRecorder(nn.Module):
             self.offset.fill_(self._waiting)
 
     def pass_bytes_per_layer(self, num_tokens: int) -> int:
-        """Temporaries of a count pass per MoE layer: up to 6 float32 ``[tokens, experts]``
-        rows alive at once while routing (probabilities, scores, choice, masks), and each
-        token's ``top_k**2`` transition indices and weights (int64 and float64)."""
-        return num_tokens * (6 * 4 * self.num_experts + 16 * self.top_k**2)
+        """Temporaries of a count pass per MoE layer and token: the probabilities (float32,
+        and the softmax's own row), the top-k ids and weights (int64, float64), and the
+        ``top_k**2`` transition indices and weights (int64 and float64)."""
+        return num_tokens * (2 * 4 * self.num_experts + 16 * self.top_k + 16 * self.top_k**2)
 
     @torch.no_grad()
     def flush(self) -> None:
@@ -270,20 +246,22 @@ class RoutingRecorder(nn.Module):
         self.offset.zero_()
         weight = self.waiting_real[:num_tokens] * self.active  # the flag matters in graph replay only
         sampled = self._sample_rows(weight) if self.sample_capacity else None
-        num_layers, num_experts = len(self.moe_layers), self.num_experts
-        logits = self.logits[: num_tokens * num_layers].view(num_tokens, num_layers, num_experts)
+        num_layers, num_experts, top_k = len(self.moe_layers), self.num_experts, self.top_k
+        rows = self.scratch[: num_tokens * num_layers].view(num_tokens, num_layers, -1)
         token_weight = weight.double()[:, None, None]
         totals, transitions = self.totals.view(-1), self.transitions.view(-1)
         chunk = max(1, COUNT_PASS_BYTES // self.pass_bytes_per_layer(num_tokens))
         previous: torch.Tensor | None = None  # the ids of the layer before this chunk
         for start in range(0, num_layers, chunk):
             layers = slice(start, min(start + chunk, num_layers))
-            probs, ids, gates = self.route(logits[:, layers], layers)
+            probs = rows[:, layers, :num_experts].softmax(dim=-1)
+            gates = rows[:, layers, num_experts : num_experts + top_k].double()
+            ids = rows[:, layers, num_experts + top_k :].long()
             self.totals[layers, 2] += (weight @ probs.flatten(1)).view(probs.shape[1:])
             # totals[slot, 0 | 1, id]: the routed count and gate sum of an expert
             routed_at = ids + torch.arange(layers.start, layers.stop, device=ids.device)[:, None] * (3 * num_experts)
             totals.index_add_(0, routed_at.flatten(), token_weight.expand(ids.shape).flatten())
-            totals.index_add_(0, (routed_at + num_experts).flatten(), (gates.double() * token_weight).flatten())
+            totals.index_add_(0, (routed_at + num_experts).flatten(), (gates * token_weight).flatten())
             # transitions[slot, a, b]: every (id in layer slot, id in layer slot + 1) of a token
             pairs = ids if previous is None else torch.cat((previous, ids), dim=1)
             first = start - (previous is not None)

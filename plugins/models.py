@@ -107,14 +107,35 @@ def _keep_inductor_order(vllm_config) -> None:
     vllm_config.compilation_config.inductor_compile_config["reorder_for_peak_memory"] = False
 
 
-class _TracedMoEBlock:
-    """Mixin put in front of a family's MoE block class: record router logits, then compute."""
+def _traced_router_class(router_class: type) -> type:
+    """``router_class`` with routing capture: route, then record the routing.
 
-    moe_prune_slot: int
+    vLLM's modular MoE path calls ``select_experts`` once per layer and forward pass with
+    the layer's input and router logits; on CPU it is traced into the compiled graph.
+    The gate weights are recorded before ``routed_scaling_factor`` (which DeepSeek's
+    routers multiply in when the runner does not). A direct subclass: Python refuses to
+    switch an instance to a class with a second base (its object layout differs).
+    """
 
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        self.moe_prune_recorder.record(hidden_states.reshape(-1, hidden_states.shape[-1]), self.moe_prune_slot)
-        return super().forward(hidden_states, *args, **kwargs)
+    class TracedRouter(router_class):  # type: ignore[misc, valid-type]
+        moe_prune_slot: int
+        moe_prune_recorder: RoutingRecorder
+
+        def select_experts(self, hidden_states: torch.Tensor, router_logits: torch.Tensor, *args, **kwargs):
+            weights, ids = super().select_experts(hidden_states, router_logits, *args, **kwargs)
+            recorder, slot = self.moe_prune_recorder, self.moe_prune_slot
+            scale = getattr(self, "routed_scaling_factor", 1.0)
+            recorder.record(
+                slot,
+                hidden_states,
+                router_logits[:, : recorder.routed[slot]],  # a fused shared-expert gate may follow
+                weights if scale == 1.0 else weights / scale,
+                ids,
+            )
+            return weights, ids
+
+    TracedRouter.__name__ = TracedRouter.__qualname__ = f"Traced{router_class.__name__}"
+    return TracedRouter
 
 
 def _make_pruned_class(model_type: str) -> type[nn.Module]:
@@ -123,12 +144,12 @@ def _make_pruned_class(model_type: str) -> type[nn.Module]:
     module = importlib.import_module(binding.module)
     base: type[nn.Module] = getattr(module, binding.model_class)
     base_layer: type[nn.Module] = getattr(module, binding.layer_class)
-    traced_blocks: dict[type, type] = {}
+    traced_routers: dict[type, type] = {}
 
-    def traced(block_class: type) -> type:
-        if block_class not in traced_blocks:
-            traced_blocks[block_class] = type(f"Traced{block_class.__name__}", (_TracedMoEBlock, block_class), {})
-        return traced_blocks[block_class]
+    def traced(router_class: type) -> type:
+        if router_class not in traced_routers:
+            traced_routers[router_class] = _traced_router_class(router_class)
+        return traced_routers[router_class]
 
     class PrunedModel(base):  # type: ignore[misc, valid-type]
         def __init__(self, *, vllm_config, prefix: str = "") -> None:
@@ -139,6 +160,12 @@ def _make_pruned_class(model_type: str) -> type[nn.Module]:
                 raise ValueError(
                     "pipeline parallelism is not supported by the moe_prune model classes (routing is counted "
                     "over every MoE layer at once); use tensor parallelism (--tensor-parallel-size) instead"
+                )
+            if vllm_config.parallel_config.data_parallel_size > 1:
+                raise ValueError(
+                    "data parallelism is not supported by the moe_prune model classes (vLLM's MoE layers route "
+                    "the tokens of every data-parallel rank together, so each rank would count them all); run "
+                    "one server per replica: their trace shards merge (`vllm-moe-prune plan --traces` reads them all)"
                 )
             _keep_inductor_order(vllm_config)
             config = vllm_config.model_config.hf_text_config
@@ -169,19 +196,21 @@ def _make_pruned_class(model_type: str) -> type[nn.Module]:
                 shape,
                 config.hidden_size,
                 vllm_config.scheduler_config.max_num_batched_tokens,
-                sampling.capacity,
+                routed=[counts[layer] for layer in shape.moe_layers],
+                held=[self.moe_prune_held[layer] for layer in shape.moe_layers],
+                sample_capacity=sampling.capacity,
                 # Counting several steps together needs Python state a CUDA graph would not replay.
                 count_batch_tokens=COUNT_BATCH_TOKENS if current_platform.is_cpu() else 0,
             )
             self.moe_prune_recorder = recorder
             if sampling.capacity:
                 recorder.set_sample_rate(sampling.rate)
-            for slot, (layer, block) in enumerate(self.moe_prune_blocks()):
-                recorder.set_kept(slot, list(range(counts[layer])))
-                block.__class__ = traced(type(block))
-                block.moe_prune_slot = slot
+            for slot, (_, block) in enumerate(self.moe_prune_blocks()):
+                router = block.experts.router
+                router.__class__ = traced(type(router))
+                router.moe_prune_slot = slot
                 # A plain attribute, not a submodule: the recorder belongs to the model.
-                object.__setattr__(block, "moe_prune_recorder", recorder)
+                object.__setattr__(router, "moe_prune_recorder", recorder)
 
         def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, *args, **kwargs):
             """vLLM's forward (compiled inside), then this step's routing counted for all layers."""
@@ -220,9 +249,6 @@ def _make_pruned_class(model_type: str) -> type[nn.Module]:
                 layer = layout.router_layer(name)
                 if layer is not None:
                     recorder.set_router(slots[layer], tensor, layout.kept[layer])
-                layer = layout.router_extra_layer(name)
-                if layer is not None:
-                    recorder.set_score_bias(slots[layer], tensor)
                 yield remap.name, remap.apply(tensor)
 
         def _moe_prune_layout(self, kept: dict[int, list[int]]) -> PrunedLayout:
