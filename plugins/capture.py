@@ -248,33 +248,39 @@ class RoutingRecorder(nn.Module):
         sampled = self._sample_rows(weight) if self.sample_capacity else None
         num_layers, num_experts, top_k = len(self.moe_layers), self.num_experts, self.top_k
         rows = self.scratch[: num_tokens * num_layers].view(num_tokens, num_layers, -1)
-        token_weight = weight.double()[:, None, None]
+        token_weight = weight.double()
         totals, transitions = self.totals.view(-1), self.transitions.view(-1)
         chunk = max(1, COUNT_PASS_BYTES // self.pass_bytes_per_layer(num_tokens))
         previous: torch.Tensor | None = None  # the ids of the layer before this chunk
         for start in range(0, num_layers, chunk):
             layers = slice(start, min(start + chunk, num_layers))
             probs = rows[:, layers, :num_experts].softmax(dim=-1)
-            gates = rows[:, layers, num_experts : num_experts + top_k].double()
-            ids = rows[:, layers, num_experts + top_k :].long()
             self.totals[layers, 2] += (weight @ probs.flatten(1)).view(probs.shape[1:])
+            # Ids and gates token-minor, [layers, k, T]: the index arithmetic below then runs
+            # over long contiguous rows instead of innermost dimensions of k or k*k.
+            contiguous = torch.contiguous_format
+            ids = rows[:, layers, num_experts + top_k :].permute(1, 2, 0).to(torch.int64, memory_format=contiguous)
+            gates = rows[:, layers, num_experts : num_experts + top_k].permute(1, 2, 0).to(
+                torch.float64, memory_format=contiguous
+            )
             # totals[slot, 0 | 1, id]: the routed count and gate sum of an expert
-            routed_at = ids + torch.arange(layers.start, layers.stop, device=ids.device)[:, None] * (3 * num_experts)
+            routed_at = ids + torch.arange(layers.start, layers.stop, device=ids.device)[:, None, None] * (3 * num_experts)
             totals.index_add_(0, routed_at.flatten(), token_weight.expand(ids.shape).flatten())
             totals.index_add_(0, (routed_at + num_experts).flatten(), (gates * token_weight).flatten())
             # transitions[slot, a, b]: every (id in layer slot, id in layer slot + 1) of a token
-            pairs = ids if previous is None else torch.cat((previous, ids), dim=1)
+            pairs = ids if previous is None else torch.cat((previous, ids))
             first = start - (previous is not None)
-            if pairs.shape[1] > 1:
-                pair_at = pairs[:, :-1, :, None] * num_experts + pairs[:, 1:, None, :]  # [T, l, k, k]
-                pair_at += (torch.arange(first, first + pair_at.shape[1], device=ids.device) * num_experts**2)[
-                    :, None, None
+            if pairs.shape[0] > 1:
+                pair_at = pairs[:-1, :, None, :] * num_experts + pairs[1:, None, :, :]  # [l, k, k, T]
+                pair_at += (torch.arange(first, first + pair_at.shape[0], device=ids.device) * num_experts**2)[
+                    :, None, None, None
                 ]
-                transitions.index_add_(0, pair_at.flatten(), token_weight[..., None].expand(pair_at.shape).flatten())
-            previous = ids[:, -1:]
+                transitions.index_add_(0, pair_at.flatten(), token_weight.expand(pair_at.shape).flatten())
+            previous = ids[-1:]
             if sampled is not None:
-                self.sample_ids[sampled, layers] = ids.to(self.sample_ids.dtype)
-                self.sample_probs[sampled, layers] = probs.gather(-1, ids)
+                token_ids = ids.permute(2, 0, 1)
+                self.sample_ids[sampled, layers] = token_ids.to(self.sample_ids.dtype)
+                self.sample_probs[sampled, layers] = probs.gather(-1, token_ids)
 
     def _sample_rows(self, weight: torch.Tensor) -> torch.Tensor:
         """Ring row of each token of this step: a random share of the traced ones, else scratch."""
