@@ -14,7 +14,8 @@ model at construction (:class:`RoutingRecorder`), in two parts:
 
 Counting is a few dozen small tensor operations whatever the number of tokens, and at
 decode batch sizes their fixed cost dominates. So on CPU the scratch holds the routing of
-several forward passes: each step's rows are appended at a running offset, and they are
+several forward passes: each step's rows are appended at a running offset (advanced
+inside the graph, so a step adds no tensor operation of its own for it), and they are
 counted together once ``count_batch_tokens`` tokens wait (and before any read of the
 statistics), which spreads that fixed cost over many steps. Where a CUDA graph may replay
 the model, ``count_batch_tokens`` is 0: every step is counted at once, with no
@@ -91,7 +92,7 @@ class RoutingRecorder(nn.Module):
     at construction, so the compiled graph and CUDA graphs capture their addresses once,
     and vLLM's memory profiling counts them with the model. The largest is the routing
     scratch: ``(max_tokens + count_batch_tokens) x MoE layers x (experts + 2 top_k)``
-    float32 (for example 2.6 MiB on the testbed at 8192 tokens, 232 MiB for 48 layers of
+    float32 (for example 2.8 MiB on the testbed at 8192 tokens, 243 MiB for 48 layers of
     128 experts, top-8); a pruned variant adds the router rows of its pruned experts.
 
     ``routed[slot]`` is the number of experts MoE layer ``slot`` routes among (its kept
@@ -144,8 +145,9 @@ class RoutingRecorder(nn.Module):
         self._graphs = count_batch_tokens == 0 and torch.cuda.is_available()
         buffer("scratch", (max_tokens + count_batch_tokens) * num_layers, num_experts + 2 * top_k)
         buffer("waiting_real", max_tokens + count_batch_tokens)  # 1 per waiting real token, 0 for padding
-        buffer("offset", 1, dtype=torch.int64)  # read by record() inside the graph
-        self._waiting = 0  # the same, in Python
+        buffer("offset", 1, dtype=torch.int64)  # read and advanced by record() inside the graph
+        buffer("appending", 1, dtype=torch.int64)  # 1 while steps wait to be counted together, else 0
+        self._waiting = 0  # the offset, in Python
         buffer("active", 1)
         self._on = False  # the same switch, read in Python (see count)
         # Running totals in float64: integer counts stay exact up to 2**53. Traced tokens
@@ -183,8 +185,10 @@ class RoutingRecorder(nn.Module):
         ``hidden [T, H]`` is the layer's input, ``logits [T, routed]`` its router logits,
         ``gates`` and ``ids`` ``[T, top_k]`` the weights and (the model's own) expert ids
         its router chose. Called inside the router, so it is traced into vLLM's compiled
-        graph: the row assembly below fuses into one kernel that writes the scratch at the
-        running offset. Python branches depend only on the layer, never on the data.
+        graph: the row assembly below fuses into the kernels around it, and inductor writes
+        every layer's rows at the running offset in one kernel; the last layer advances the
+        offset while steps wait to be counted together. Python branches depend only on the
+        layer, never on the data.
         """
         num_tokens = logits.shape[0]
         routed, held = self.routed[slot], self.held[slot]
@@ -200,6 +204,8 @@ class RoutingRecorder(nn.Module):
         row = torch.cat([full, gates.float(), ids.float()], dim=-1)
         at = (torch.arange(num_tokens, device=row.device) + self.offset) * len(self.moe_layers) + slot
         self.scratch.index_copy_(0, at, row)
+        if slot == len(self.moe_layers) - 1:  # the step is written: the next one appends after it
+            self.offset.add_(self.appending * num_tokens)
 
     @torch.no_grad()
     def count(self, num_tokens: int) -> None:
@@ -217,11 +223,9 @@ class RoutingRecorder(nn.Module):
             return  # off, and no graph will replay this step: nothing would be added
         start = self._waiting
         _store_real_tokens(self.waiting_real[start : start + num_tokens])
-        self._waiting = start + num_tokens
+        self._waiting = start + num_tokens  # what the graph added to ``offset``
         if self._waiting > self.count_batch_tokens:
             self.flush()
-        else:
-            self.offset.fill_(self._waiting)
 
     def pass_bytes_per_layer(self, num_tokens: int) -> int:
         """Temporaries of a count pass per MoE layer and token: the probabilities (float32,
@@ -297,6 +301,8 @@ class RoutingRecorder(nn.Module):
     def set_active(self, on: bool) -> None:
         self.flush()  # tokens recorded while on are counted as on
         self.active.fill_(float(on))
+        # Off (or counting every step), every step overwrites the scratch from row 0.
+        self.appending.fill_(int(on and self.count_batch_tokens > 0))
         self._on = on
 
     def set_sample_rate(self, rate: float) -> None:

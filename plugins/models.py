@@ -10,11 +10,11 @@ vLLM's own model class and changes two things, nothing else:
    config.json), so pruned experts are never allocated. The family's
    decoder-layer ``__init__`` is wrapped, for the duration of construction only, so that
    each layer sees its own count in the config.
-2. Capture: every MoE block writes its router logits over the ORIGINAL experts (router
-   rows kept on the model's :class:`~plugins.capture.RoutingRecorder`) before computing,
-   and the model's forward counts the step's routing for all layers at once after vLLM's
-   compiled model returns (see capture.py), so counts stay in original expert ids and
-   live coverage of the kept set is measurable.
+2. Capture: every MoE layer's router (vLLM's own router object, given a subclass) hands
+   the routing it computed, its logits, gate weights and expert ids, to the model's
+   :class:`~plugins.capture.RoutingRecorder`, and the model's forward counts the step's
+   routing for all layers at once after vLLM's compiled model returns (see capture.py),
+   in original expert ids, so live coverage of the kept set is measurable.
 
 Weight loading keeps vLLM's own code; ``load_weights`` only renumbers kept experts and
 slices router rows through :class:`vllm_moe_prune.remap.PrunedLayout`, fed by the
@@ -98,9 +98,10 @@ def _keep_inductor_order(vllm_config) -> None:
     With torch 2.13 and vLLM's CPU build, that pass can move an op that writes into an
     output argument (``torch.ops._C.onednn_mm(out, ...)``, the DeepSeek-V3 router's
     matmul) after the kernel that reads ``out``. Seen in inductor's output code for the
-    tiny DeepSeek-V3 once capture added its router product to the graph: the sigmoid over
-    the router logits was scheduled before the matmul that computes them, and the model's
-    log-probabilities were off by 3.5 (with other capture code, prob_sum became NaN).
+    tiny DeepSeek-V3 when capture added a second router product to the graph (an earlier
+    design): the sigmoid over the router logits was scheduled before the matmul that
+    computes them, and the model's log-probabilities were off by 3.5. Capture still adds
+    readers of the router's logits (and, on a pruned variant, a product of its input).
     Eager runs and runs with this pass off are exact. The pass only saves activation
     memory, which vLLM's profiling run measures either way.
     """
@@ -203,6 +204,7 @@ def _make_pruned_class(model_type: str) -> type[nn.Module]:
                 count_batch_tokens=COUNT_BATCH_TOKENS if current_platform.is_cpu() else 0,
             )
             self.moe_prune_recorder = recorder
+            self.moe_prune_routing_checked = False
             if sampling.capacity:
                 recorder.set_sample_rate(sampling.rate)
             for slot, (_, block) in enumerate(self.moe_prune_blocks()):
@@ -214,9 +216,25 @@ def _make_pruned_class(model_type: str) -> type[nn.Module]:
 
         def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, *args, **kwargs):
             """vLLM's forward (compiled inside), then this step's routing counted for all layers."""
+            if not self.moe_prune_routing_checked:
+                self._moe_prune_check_routing()
             hidden_states = super().forward(input_ids, positions, *args, **kwargs)
             self.moe_prune_recorder.count(positions.shape[-1])
             return hidden_states
+
+        def _moe_prune_check_routing(self) -> None:
+            """Refuse MoE kernels that route inside the kernel: their router is never called,
+            so nothing would be counted. Checked at the first forward pass (vLLM's profiling
+            run), once the kernels are chosen, so the engine fails at start-up, not silently."""
+            for layer, block in self.moe_prune_blocks():
+                if block.experts.is_monolithic:
+                    method = type(block.experts.routed_experts.quant_method).__name__
+                    raise RuntimeError(
+                        f"MoE layer {layer} runs a monolithic MoE kernel ({method}) that routes inside the kernel; "
+                        "routing capture needs vLLM's modular MoE path, where the router selects experts "
+                        "(choose another MoE backend)"
+                    )
+            self.moe_prune_routing_checked = True
 
         def moe_prune_blocks(self) -> Iterator[tuple[int, nn.Module]]:
             """(decoder layer index, MoE block) of every MoE layer, in slot order."""

@@ -223,3 +223,19 @@ def test_plain_rope_deepseek_is_refused_on_cpu(tiny_root, tmp_path, capfd):
         LLM(**engine_args(model_dir), **ENGINE_KWARGS, enforce_eager=True)
     captured = capfd.readouterr()
     assert "DeepSeek without rope scaling is computed wrongly by vLLM's CPU build" in captured.out + captured.err
+
+
+def test_data_parallelism_is_refused(testbed):
+    """vLLM's offline engine refuses data parallelism itself, and a server with
+    --data-parallel-size 2 needs two engines on two cores: the model class is built here
+    from the real engine configuration such a server would create, and refuses before
+    building any layer."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_moe_prune.serving import engine_args
+    from vllm_moe_prune_plugins import models
+
+    config = EngineArgs(**engine_args(testbed), **ENGINE_KWARGS, data_parallel_size=2).create_engine_config()
+    model_class = getattr(models, Checkpoint.open(testbed).shape.family.pruned_architecture)
+    with pytest.raises(ValueError, match="data parallelism is not supported by the moe_prune model classes"):
+        model_class(vllm_config=config)

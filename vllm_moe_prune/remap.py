@@ -48,11 +48,9 @@ class PrunedLayout:
         self._new_id = {layer: {old: new for new, old in enumerate(ids)} for layer, ids in self.kept.items()}
         self._routers: dict[str, tuple[int, ...]] = {}
         self._router_layers: dict[str, int] = {}
-        self._router_extra_layers: dict[str, int] = {}
         for layer in shape.moe_layers:
             rows = tuple(self.kept[layer])
             self._router_layers[family.router_name(layer)] = layer
-            self._router_extra_layers.update({name: layer for name in family.router_extra_names(layer)})
             for name in (family.router_name(layer), *family.router_extra_names(layer)):
                 self._routers[name] = rows
 
@@ -70,10 +68,6 @@ class PrunedLayout:
     def router_layer(self, name: str) -> int | None:
         """The MoE layer whose router matrix ``name`` is, else None."""
         return self._router_layers.get(name)
-
-    def router_extra_layer(self, name: str) -> int | None:
-        """The MoE layer whose per-expert router vector (score bias) ``name`` is, else None."""
-        return self._router_extra_layers.get(name)
 
 
 def read_kept_tensors(ckpt: Checkpoint, kept: dict[int, list[int]]) -> Iterator[tuple[str, torch.Tensor, TensorRemap]]:
