@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from reference import tiny_checkpoint
+from routing_reference import count_layer, empty_stats
 from vllm_moe_prune.checkpoint import Checkpoint
 from vllm_moe_prune.families import MoEShape
 from vllm_moe_prune_plugins import capture
@@ -102,33 +103,20 @@ def step(recorder: RoutingRecorder, layers: Layers, hidden: torch.Tensor, record
 def expected_stats(layers: Layers, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """Counted token by token in original ids: the full softmax over every original expert
     (an expert the checkpoint lacks has probability 0), the routed ids and weights."""
-    shape = layers.shape
-    num_layers, num_experts, k = len(layers.routers), shape.num_experts, shape.top_k
-    counts = torch.zeros(num_layers, num_experts, dtype=torch.int64)
-    gate_sum = torch.zeros(num_layers, num_experts, dtype=torch.float64)
-    prob_sum = torch.zeros(num_layers, num_experts, dtype=torch.float64)
-    transitions = torch.zeros(num_layers - 1, num_experts, num_experts, dtype=torch.int64)
+    stats = empty_stats(len(layers.routers), layers.shape.num_experts)
     for hidden in batches:
         previous = None
-        for slot in range(num_layers):
-            held = layers.routers[slot].shape[0]
-            prob_sum[slot, :held] += (hidden @ layers.routers[slot].t()).softmax(dim=-1).sum(dim=0).double()
+        for slot, router in enumerate(layers.routers):
             _, weights, ids = layers.route(slot, hidden)
             chosen = torch.tensor(layers.kept(slot))[ids.long()]
-            for t in range(hidden.shape[0]):
-                for j in range(k):
-                    counts[slot, chosen[t, j]] += 1
-                    gate_sum[slot, chosen[t, j]] += float(weights[t, j])
-                    if previous is not None:
-                        for i in range(k):
-                            transitions[slot - 1, previous[t, i], chosen[t, j]] += 1
+            count_layer(stats, slot, (hidden @ router.t()).softmax(dim=-1), chosen, weights, previous)
             previous = chosen
-    return {"tokens": sum(h.shape[0] for h in batches), "counts": counts, "gate_sum": gate_sum,
-            "prob_sum": prob_sum, "transitions": transitions}
+        stats["tokens"] += hidden.shape[0]
+    return stats
 
 
 def assert_stats_equal(got, want: dict) -> None:
-    assert got.tokens == want["tokens"]
+    assert got.tokens == int(want["tokens"])
     assert torch.equal(got.counts, want["counts"])
     assert torch.equal(got.transitions, want["transitions"])
     torch.testing.assert_close(got.prob_sum, want["prob_sum"], rtol=1e-5, atol=1e-5)
