@@ -24,6 +24,7 @@ slices router rows through :class:`vllm_moe_prune.remap.PrunedLayout`, fed by th
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -108,6 +109,7 @@ def _keep_inductor_order(vllm_config) -> None:
     vllm_config.compilation_config.inductor_compile_config["reorder_for_peak_memory"] = False
 
 
+@functools.cache
 def _traced_router_class(router_class: type) -> type:
     """``router_class`` with routing capture: route, then record the routing.
 
@@ -145,12 +147,6 @@ def _make_pruned_class(model_type: str) -> type[nn.Module]:
     module = importlib.import_module(binding.module)
     base: type[nn.Module] = getattr(module, binding.model_class)
     base_layer: type[nn.Module] = getattr(module, binding.layer_class)
-    traced_routers: dict[type, type] = {}
-
-    def traced(router_class: type) -> type:
-        if router_class not in traced_routers:
-            traced_routers[router_class] = _traced_router_class(router_class)
-        return traced_routers[router_class]
 
     class PrunedModel(base):  # type: ignore[misc, valid-type]
         def __init__(self, *, vllm_config, prefix: str = "") -> None:
@@ -209,7 +205,7 @@ def _make_pruned_class(model_type: str) -> type[nn.Module]:
                 recorder.set_sample_rate(sampling.rate)
             for slot, (_, block) in enumerate(self.moe_prune_blocks()):
                 router = block.experts.router
-                router.__class__ = traced(type(router))
+                router.__class__ = _traced_router_class(type(router))
                 router.moe_prune_slot = slot
                 # A plain attribute, not a submodule: the recorder belongs to the model.
                 object.__setattr__(router, "moe_prune_recorder", recorder)
