@@ -39,9 +39,13 @@ their full-softmax probabilities written, for every MoE layer, into a ring buffe
 fixed capacity, so memory stays bounded whatever the traffic. Neither text nor token ids
 are captured.
 
-Tokens vLLM marks as padding (``forward_context.is_padding``: warm-up and CUDA-graph
-padding rows) and every token while recording is off carry weight zero, so each layer's
+Tokens vLLM marks as padding (``forward_context.is_padding``: CUDA-graph padding rows,
+warm-up passes) and every token while recording is off carry weight zero, so each layer's
 counts sum to exactly ``tokens * top_k`` of the traffic served while recording was on.
+The graph reads the padding mask itself, from vLLM's own persistent buffer (see
+:meth:`RoutingRecorder.follow_padding_mask`), so a step adds no tensor operation outside
+the graph: in the worker, whose caches the model's forward has just evicted, one small
+eager operation costs about 1% of a decode step of the testbed.
 """
 
 from __future__ import annotations
@@ -50,8 +54,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
-from vllm.forward_context import get_forward_context, is_forward_context_available
 
 from vllm_moe_prune.families import MoEShape
 from vllm_moe_prune.stats import RoutingStats
@@ -69,20 +71,6 @@ COUNT_BATCH_TOKENS = 1024
 
 def _capturing_cuda_graph() -> bool:
     return torch.cuda.is_current_stream_capturing()
-
-
-def _store_real_tokens(out: torch.Tensor) -> None:
-    """Write 1 for each real token of this forward pass into ``out [T]``, 0 for padding.
-
-    vLLM marks padding (warm-up passes, CUDA-graph padding rows) in the forward
-    context's persistent ``is_padding`` buffer; one tensor operation, no host read, so a
-    CUDA graph that captured it reads the mask of every replayed step.
-    """
-    is_padding = get_forward_context().is_padding if is_forward_context_available() else None
-    if is_padding is None:
-        out.fill_(1.0)
-    else:
-        torch.logical_not(is_padding[: out.shape[0]], out=out)
 
 
 class RoutingRecorder(nn.Module):
@@ -145,6 +133,8 @@ class RoutingRecorder(nn.Module):
         self._graphs = count_batch_tokens == 0 and torch.cuda.is_available()
         buffer("scratch", (max_tokens + count_batch_tokens) * num_layers, num_experts + 2 * top_k)
         buffer("waiting_real", max_tokens + count_batch_tokens)  # 1 per waiting real token, 0 for padding
+        # True for padding rows: all False (every row real) until it follows vLLM's own mask.
+        buffer("padding", max_tokens, dtype=torch.bool)
         buffer("offset", 1, dtype=torch.int64)  # read and advanced by record() inside the graph
         buffer("appending", 1, dtype=torch.int64)  # 1 while steps wait to be counted together, else 0
         self._waiting = 0  # the offset, in Python
@@ -171,6 +161,31 @@ class RoutingRecorder(nn.Module):
         self.column[slot, order] = torch.arange(self.num_experts, device=self.column.device)
         self._renumbered[slot] = order != list(range(self.num_experts))
 
+    def follow_padding_mask(self, is_padding: torch.Tensor | None) -> None:
+        """Make the ``padding`` buffer a view of vLLM's padding mask, which the graph then reads.
+
+        vLLM's model runner keeps the mask in one persistent buffer, rewrites its first rows
+        before every forward pass and hands the model a slice of it from the start (the
+        forward context's ``is_padding``). The buffer keeps its shape and its place in the
+        model, only its storage becomes the runner's, so the compiled graph, and a CUDA
+        graph captured later, read each step's mask with no operation of their own. Called
+        at the first forward pass, before vLLM compiles or captures the model. Without a
+        mask (``None``) no row is padding.
+        """
+        if is_padding is None:
+            return
+        storage = is_padding.untyped_storage()
+        fits = storage.nbytes() >= is_padding.storage_offset() + self.padding.numel()
+        if is_padding.dtype != torch.bool or is_padding.device != self.padding.device or not (
+            is_padding.is_contiguous() and fits
+        ):
+            raise RuntimeError(
+                f"vLLM's padding mask ({is_padding.dtype}, {tuple(is_padding.shape)} on {is_padding.device}) is not "
+                f"a view of a persistent bool buffer of at least {self.padding.numel()} tokens on "
+                f"{self.padding.device}; routing capture cannot tell padding rows from real tokens"
+            )
+        self.padding.set_(storage, is_padding.storage_offset(), self.padding.shape)
+
     def set_router(self, slot: int, rows: torch.Tensor, kept: list[int]) -> None:
         """Load MoE layer ``slot``'s router: the ``rows`` the checkpoint holds and the ids kept."""
         self.set_kept(slot, kept)
@@ -186,7 +201,8 @@ class RoutingRecorder(nn.Module):
         ``gates`` and ``ids`` ``[T, top_k]`` the weights and (the model's own) expert ids
         its router chose. Called inside the router, so it is traced into vLLM's compiled
         graph: the row assembly below fuses into the kernels around it, and inductor writes
-        every layer's rows at the running offset in one kernel; the last layer advances the
+        every layer's rows at the running offset in one kernel. The last layer also keeps
+        which of the step's tokens are real (from vLLM's padding mask) and advances the
         offset while steps wait to be counted together. Python branches depend only on the
         layer, never on the data.
         """
@@ -202,28 +218,26 @@ class RoutingRecorder(nn.Module):
             full = full[:, self.column[slot]]
             ids = self.original_id[slot][ids.long()]
         row = torch.cat([full, gates.float(), ids.float()], dim=-1)
-        at = (torch.arange(num_tokens, device=row.device) + self.offset) * len(self.moe_layers) + slot
-        self.scratch.index_copy_(0, at, row)
+        tokens = torch.arange(num_tokens, device=row.device) + self.offset
+        self.scratch.index_copy_(0, tokens * len(self.moe_layers) + slot, row)
         if slot == len(self.moe_layers) - 1:  # the step is written: the next one appends after it
+            self.waiting_real.index_copy_(0, tokens, self.padding[:num_tokens].logical_not().float())
             self.offset.add_(self.appending * num_tokens)
 
     @torch.no_grad()
     def count(self, num_tokens: int) -> None:
         """Take in the forward pass that just ran (its first ``num_tokens`` tokens).
 
-        Outside CUDA-graph capture it returns at once while recording is off, so tracing
-        off costs only the scratch writes. Otherwise the step's padding mask is stored next
-        to its routing (one tensor operation while its tokens wait: per-operation overhead
-        is most of the cost at decode batch sizes), and the waiting tokens are counted
-        (:meth:`flush`) once more than ``count_batch_tokens`` wait: with 0, at every step,
-        in tensor operations whose shapes depend only on ``num_tokens``, so a CUDA graph
-        captures and replays it (weighted by the on/off flag when replayed).
+        Outside CUDA-graph capture it returns at once while recording is off. The graph
+        has already written the step's routing and which of its tokens are real; here the
+        waiting tokens are counted (:meth:`flush`) once more than ``count_batch_tokens``
+        wait: with 0, at every step, in tensor operations whose shapes depend only on
+        ``num_tokens``, so a CUDA graph captures and replays it (weighted by the on/off
+        flag when replayed).
         """
         if not (self._on or (self._graphs and _capturing_cuda_graph())):
             return  # off, and no graph will replay this step: nothing would be added
-        start = self._waiting
-        _store_real_tokens(self.waiting_real[start : start + num_tokens])
-        self._waiting = start + num_tokens  # what the graph added to ``offset``
+        self._waiting += num_tokens  # what the graph added to ``offset``
         if self._waiting > self.count_batch_tokens:
             self.flush()
 

@@ -200,7 +200,7 @@ def _make_pruned_class(model_type: str) -> type[nn.Module]:
                 count_batch_tokens=COUNT_BATCH_TOKENS if current_platform.is_cpu() else 0,
             )
             self.moe_prune_recorder = recorder
-            self.moe_prune_routing_checked = False
+            self.moe_prune_first_pass_done = False
             if sampling.capacity:
                 recorder.set_sample_rate(sampling.rate)
             for slot, (_, block) in enumerate(self.moe_prune_blocks()):
@@ -212,16 +212,24 @@ def _make_pruned_class(model_type: str) -> type[nn.Module]:
 
         def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, *args, **kwargs):
             """vLLM's forward (compiled inside), then this step's routing counted for all layers."""
-            if not self.moe_prune_routing_checked:
-                self._moe_prune_check_routing()
+            if not self.moe_prune_first_pass_done:
+                self._moe_prune_first_pass()
             hidden_states = super().forward(input_ids, positions, *args, **kwargs)
             self.moe_prune_recorder.count(positions.shape[-1])
             return hidden_states
 
-        def _moe_prune_check_routing(self) -> None:
-            """Refuse MoE kernels that route inside the kernel: their router is never called,
-            so nothing would be counted. Checked at the first forward pass (vLLM's profiling
-            run), once the kernels are chosen, so the engine fails at start-up, not silently."""
+        def _moe_prune_first_pass(self) -> None:
+            """Set capture up against the engine, at the first forward pass (vLLM's profiling
+            run), before vLLM compiles or captures the model.
+
+            The recorder follows the model runner's padding mask. MoE kernels that route
+            inside the kernel are refused: their router is never called, so nothing would
+            be counted. They are known only once the kernels are chosen, so this is where
+            the engine fails at start-up, not silently."""
+            from vllm.forward_context import get_forward_context, is_forward_context_available
+
+            if is_forward_context_available():
+                self.moe_prune_recorder.follow_padding_mask(get_forward_context().is_padding)
             for layer, block in self.moe_prune_blocks():
                 if block.experts.is_monolithic:
                     method = type(block.experts.routed_experts.quant_method).__name__
@@ -230,7 +238,7 @@ def _make_pruned_class(model_type: str) -> type[nn.Module]:
                         "routing capture needs vLLM's modular MoE path, where the router selects experts "
                         "(choose another MoE backend)"
                     )
-            self.moe_prune_routing_checked = True
+            self.moe_prune_first_pass_done = True
 
         def moe_prune_blocks(self) -> Iterator[tuple[int, nn.Module]]:
             """(decoder layer index, MoE block) of every MoE layer, in slot order."""

@@ -204,18 +204,32 @@ def test_recording_off_adds_nothing_and_drain_resets(in_graph_capture, tiny_root
     assert recorder.drain()[0].tokens == 0
 
 
-def test_padding_rows_add_nothing(tiny_root):
-    """vLLM marks padding rows (warm-up, CUDA-graph padding) in the forward context's
-    ``is_padding``: a step of 40 rows whose last 8 are padding counts as its first 32."""
-    from vllm.forward_context import ForwardContext, override_forward_context
-
+@pytest.mark.parametrize("count_batch_tokens", [0, 50], ids=["every-step", "steps-together"])
+def test_padding_rows_add_nothing(count_batch_tokens, tiny_root):
+    """vLLM marks padding rows (CUDA-graph padding, warm-up) in one persistent mask that it
+    rewrites before every step, and hands the model a slice of it from the start (the
+    forward context's ``is_padding``). The recorder follows that buffer once and the
+    compiled graph reads each step's mask from it: a step of 40 rows whose last 8 are
+    padding counts as its first 32, the next step, unpadded, counts whole."""
     layers = layers_for("deepseek_v3", tiny_root)
-    padded = recorder_for(layers)
-    is_padding = torch.arange(TOKENS) >= TOKENS - 8
-    with override_forward_context(ForwardContext(no_compile_layers={}, attn_metadata={}, slot_mapping={},
-                                                 is_padding=is_padding)):
-        step(padded, layers, hidden_states())
-    assert_stats_equal(padded.drain()[0], expected_stats(layers, [hidden_states()[: TOKENS - 8]]))
+    recorder = recorder_for(layers, count_batch_tokens=count_batch_tokens)
+    runner_mask = torch.zeros(300, dtype=torch.bool)  # the model runner's persistent buffer
+    recorder.follow_padding_mask(runner_mask[:TOKENS])
+    record = torch.compile(record_all, dynamic=True)
+    runner_mask[TOKENS - 8 : TOKENS] = True
+    step(recorder, layers, hidden_states(1), record)
+    runner_mask[:TOKENS] = False  # the next step's mask, written as vLLM writes it
+    step(recorder, layers, hidden_states(2), record)
+    want = expected_stats(layers, [hidden_states(1)[: TOKENS - 8], hidden_states(2)])
+    assert_stats_equal(recorder.drain()[0], want)
+
+
+@pytest.mark.parametrize("mask", [torch.zeros(100, dtype=torch.bool), torch.zeros(300)], ids=["short", "float"])
+def test_a_padding_mask_the_graph_cannot_follow_is_refused(mask, tiny_root):
+    """Shorter than the recorder's largest step (256 tokens here) or not bool: a clear error at start-up."""
+    recorder = recorder_for(layers_for("qwen3_moe", tiny_root))
+    with pytest.raises(RuntimeError, match="padding mask .* not a view of a persistent bool buffer of at least 256"):
+        recorder.follow_padding_mask(mask[:TOKENS])
 
 
 def test_sampling_at_rate_one_keeps_every_token_routing(tiny_root):
