@@ -4,13 +4,15 @@ Python hooks installed after vLLM compiles the model never run (torch.compile on
 CUDA-graph replay on GPU). So capture is plain tensor code on buffers registered on the
 model at construction (:class:`RoutingRecorder`), in two parts:
 
-1. inside each MoE layer's router, which vLLM compiles with the model: the routing the
-   model has just computed (its router logits, chosen expert ids and gate weights) is
-   written into a ``[tokens, layers, experts + 2 * top_k]`` scratch buffer with one
-   ``index_copy_`` (:meth:`RoutingRecorder.record`). Nothing is routed a second time:
-   what is counted is exactly what the model did;
+1. inside each MoE layer's router, which vLLM compiles with the model
+   (:meth:`RoutingRecorder.record`), from the routing the model has just computed (its
+   router logits, chosen expert ids and gate weights): the probability sum is added to
+   at once (a softmax and one product per layer), and the chosen ids and gates are
+   written into a ``[tokens, layers, 3 * top_k]`` scratch buffer with one
+   ``index_copy_``. Nothing is routed a second time: what is counted is exactly what
+   the model did;
 2. after the compiled model returns, in the model class's own (uncompiled) forward:
-   counting and sampling for all layers at once (:meth:`RoutingRecorder.count`).
+   counting ids and sampling for all layers at once (:meth:`RoutingRecorder.count`).
 
 Counting is a few dozen small tensor operations whatever the number of tokens, and at
 decode batch sizes their fixed cost dominates. So on CPU the scratch holds the routing of
@@ -79,9 +81,9 @@ class RoutingRecorder(nn.Module):
     Buffers are non-persistent (never in a state dict) and created on the model's device
     at construction, so the compiled graph and CUDA graphs capture their addresses once,
     and vLLM's memory profiling counts them with the model. The largest is the routing
-    scratch: ``(max_tokens + count_batch_tokens) x MoE layers x (experts + 2 top_k)``
-    float32 (for example 2.8 MiB on the testbed at 8192 tokens, 243 MiB for 48 layers of
-    128 experts, top-8); a pruned variant adds the router rows of its pruned experts.
+    scratch: ``(max_tokens + count_batch_tokens) x MoE layers x 3 top_k`` float32 (for
+    example 0.8 MiB on the testbed at 8192 tokens, 41 MiB for 48 layers, top-8); a pruned
+    variant adds the router rows of its pruned experts.
 
     ``routed[slot]`` is the number of experts MoE layer ``slot`` routes among (its kept
     experts) and ``held[slot]`` how many the checkpoint holds (all of them, except in a
@@ -117,13 +119,11 @@ class RoutingRecorder(nn.Module):
         # The original id of each of a layer's columns: its routed experts (the model's
         # own ids 0..routed-1), then its dropped experts, then the experts it lacks.
         buffer("original_id", num_layers, num_experts, dtype=torch.int64)
-        # The column of each original expert (the inverse): logits are stored by original id.
-        buffer("column", num_layers, num_experts, dtype=torch.int64)
         self._renumbered = [False] * num_layers  # read at trace time: identity layers skip the maps
         for slot in range(num_layers):
             self.set_kept(slot, list(range(routed[slot])))
         # Token-major and flat: row ``t * layers + slot`` holds one token's routing in one
-        # layer: logits of every original expert, then top-k gates, then top-k original ids.
+        # layer: its top-k gates, original ids and full-softmax probabilities (for sampling).
         # Each layer writes its rows with one ``index_copy_``, which the compiled graph
         # performs in place (a write through a slice view made inductor copy the whole
         # buffer every step). Steps append at ``offset`` until more than count_batch_tokens
@@ -131,8 +131,9 @@ class RoutingRecorder(nn.Module):
         self.count_batch_tokens = count_batch_tokens
         # Only where every step is counted at once may a CUDA graph capture count().
         self._graphs = count_batch_tokens == 0 and torch.cuda.is_available()
-        buffer("scratch", (max_tokens + count_batch_tokens) * num_layers, num_experts + 2 * top_k)
-        buffer("waiting_real", max_tokens + count_batch_tokens)  # 1 per waiting real token, 0 for padding
+        buffer("scratch", (max_tokens + count_batch_tokens) * num_layers, 3 * top_k)
+        # 1 per waiting token that counts, 0 for padding and for tokens served while off
+        buffer("waiting_real", max_tokens + count_batch_tokens)
         # True for padding rows: all False (every row real) until it follows vLLM's own mask.
         buffer("padding", max_tokens, dtype=torch.bool)
         buffer("offset", 1, dtype=torch.int64)  # read and advanced by record() inside the graph
@@ -142,7 +143,10 @@ class RoutingRecorder(nn.Module):
         self._on = False  # the same switch, read in Python (see count)
         # Running totals in float64: integer counts stay exact up to 2**53. Traced tokens
         # are not kept apart: every one adds exactly top_k to each layer's counts.
-        buffer("totals", num_layers, 3, num_experts, dtype=torch.float64)  # routed, gate, prob
+        buffer("totals", num_layers, 2, num_experts, dtype=torch.float64)  # routed, gate
+        # Probability sums, flat (``slot * experts + original id``): added to inside the
+        # graph at every step, with one ``index_add_`` on the buffer itself, never a view.
+        buffer("prob_totals", num_layers * num_experts, dtype=torch.float64)
         buffer("transitions", max(num_layers - 1, 0), num_experts, num_experts, dtype=torch.float64)
         # Sampling ring (unsampled tokens all write the scratch row at index capacity).
         buffer("sample_rate", 1)
@@ -158,7 +162,6 @@ class RoutingRecorder(nn.Module):
         kept_set = set(kept)
         order = list(kept) + [e for e in range(held) if e not in kept_set] + list(range(held, self.num_experts))
         self.original_id[slot] = torch.tensor(order)
-        self.column[slot, order] = torch.arange(self.num_experts, device=self.column.device)
         self._renumbered[slot] = order != list(range(self.num_experts))
 
     def follow_padding_mask(self, is_padding: torch.Tensor | None) -> None:
@@ -200,28 +203,39 @@ class RoutingRecorder(nn.Module):
         ``hidden [T, H]`` is the layer's input, ``logits [T, routed]`` its router logits,
         ``gates`` and ``ids`` ``[T, top_k]`` the weights and (the model's own) expert ids
         its router chose. Called inside the router, so it is traced into vLLM's compiled
-        graph: the row assembly below fuses into the kernels around it, and inductor writes
-        every layer's rows at the running offset in one kernel. The last layer also keeps
-        which of the step's tokens are real (from vLLM's padding mask) and advances the
-        offset while steps wait to be counted together. Python branches depend only on the
-        layer, never on the data.
+        graph, where the work fuses into the kernels around it:
+
+        * the probability sum is added at once: the full softmax over every original
+          expert, weighted by which tokens count (real, not padding, while recording is
+          on), summed over the tokens: one product per layer and step;
+        * the top-k gates, original ids and their full-softmax probabilities are written at
+          the running offset of the scratch, for the counting pass;
+        * the last layer keeps each token's weight and advances the offset while steps
+          wait to be counted together.
+
+        Python branches depend only on the layer, never on the data.
         """
         num_tokens = logits.shape[0]
-        routed, held = self.routed[slot], self.held[slot]
+        routed, held, num_experts = self.routed[slot], self.held[slot], self.num_experts
         parts = [logits.float()]
         if held > routed:  # the experts this variant dropped, for the full softmax
             parts.append(hidden[:, : self.dropped_router.shape[2]].float() @ self.dropped_router[slot, : held - routed].t())
-        if held < self.num_experts:  # experts the checkpoint lacks
-            parts.append(logits.new_full((num_tokens, self.num_experts - held), float("-inf"), dtype=torch.float32))
-        full = torch.cat(parts, dim=-1)
+        if held < num_experts:  # experts the checkpoint lacks
+            parts.append(logits.new_full((num_tokens, num_experts - held), float("-inf"), dtype=torch.float32))
+        probs = torch.cat(parts, dim=-1).softmax(dim=-1)  # columns in the layer's order (see set_kept)
+        weight = self.padding[:num_tokens].logical_not().float() * self.active
+        # A sum, not a product with ``weight``: inductor fuses it into the softmax's own loop,
+        # where a matrix product would be one more library call per layer and step.
+        summed = (probs * weight[:, None]).sum(dim=0, dtype=torch.float64)
+        self.prob_totals.index_add_(0, self.original_id[slot] + slot * num_experts, summed)
+        chosen = probs.gather(-1, ids.long())  # the layer's own ids are its first columns
         if self._renumbered[slot]:
-            full = full[:, self.column[slot]]
             ids = self.original_id[slot][ids.long()]
-        row = torch.cat([full, gates.float(), ids.float()], dim=-1)
+        row = torch.cat([gates.float(), ids.float(), chosen], dim=-1)
         tokens = torch.arange(num_tokens, device=row.device) + self.offset
         self.scratch.index_copy_(0, tokens * len(self.moe_layers) + slot, row)
         if slot == len(self.moe_layers) - 1:  # the step is written: the next one appends after it
-            self.waiting_real.index_copy_(0, tokens, self.padding[:num_tokens].logical_not().float())
+            self.waiting_real.index_copy_(0, tokens, weight)
             self.offset.add_(self.appending * num_tokens)
 
     @torch.no_grad()
@@ -242,10 +256,9 @@ class RoutingRecorder(nn.Module):
             self.flush()
 
     def pass_bytes_per_layer(self, num_tokens: int) -> int:
-        """Temporaries of a count pass per MoE layer and token: the probabilities (float32,
-        and the softmax's own row), the top-k ids and weights (int64, float64), and the
-        ``top_k**2`` transition indices and weights (int64 and float64)."""
-        return num_tokens * (2 * 4 * self.num_experts + 16 * self.top_k + 16 * self.top_k**2)
+        """Temporaries of a count pass per MoE layer and token: the top-k ids and weights
+        (int64, float64), and the ``top_k**2`` transition indices and weights (int64 and float64)."""
+        return num_tokens * (16 * self.top_k + 16 * self.top_k**2)
 
     @torch.no_grad()
     def flush(self) -> None:
@@ -254,35 +267,30 @@ class RoutingRecorder(nn.Module):
         Counts, gate sums and transitions are sparse: each token adds its weight (1, or 0
         for padding and traffic while recording was off) at its top-k ids, and at its
         ``top_k**2`` pairs of ids in consecutive layers, with ``index_add_`` into the float64
-        totals (integer counts stay exact up to 2**53). Only the probability sum is dense,
-        one product of the weights with the full softmax. Temporaries stay under
+        totals (integer counts stay exact up to 2**53). Temporaries stay under
         ``COUNT_PASS_BYTES``: a large pass is made for as many layers at a time as fit.
         """
         num_tokens, self._waiting = self._waiting, 0
         if num_tokens == 0:
             return
         self.offset.zero_()
-        weight = self.waiting_real[:num_tokens] * self.active  # the flag matters in graph replay only
+        weight = self.waiting_real[:num_tokens]
         sampled = self._sample_rows(weight) if self.sample_capacity else None
         num_layers, num_experts, top_k = len(self.moe_layers), self.num_experts, self.top_k
-        rows = self.scratch[: num_tokens * num_layers].view(num_tokens, num_layers, -1)
+        rows = self.scratch[: num_tokens * num_layers].view(num_tokens, num_layers, 3 * top_k)
         token_weight = weight.double()
         totals, transitions = self.totals.view(-1), self.transitions.view(-1)
         chunk = max(1, COUNT_PASS_BYTES // self.pass_bytes_per_layer(num_tokens))
         previous: torch.Tensor | None = None  # the ids of the layer before this chunk
         for start in range(0, num_layers, chunk):
             layers = slice(start, min(start + chunk, num_layers))
-            probs = rows[:, layers, :num_experts].softmax(dim=-1)
-            self.totals[layers, 2] += (weight @ probs.flatten(1)).view(probs.shape[1:])
             # Ids and gates token-minor, [layers, k, T]: the index arithmetic below then runs
             # over long contiguous rows instead of innermost dimensions of k or k*k.
             contiguous = torch.contiguous_format
-            ids = rows[:, layers, num_experts + top_k :].permute(1, 2, 0).to(torch.int64, memory_format=contiguous)
-            gates = rows[:, layers, num_experts : num_experts + top_k].permute(1, 2, 0).to(
-                torch.float64, memory_format=contiguous
-            )
+            gates = rows[:, layers, :top_k].permute(1, 2, 0).to(torch.float64, memory_format=contiguous)
+            ids = rows[:, layers, top_k : 2 * top_k].permute(1, 2, 0).to(torch.int64, memory_format=contiguous)
             # totals[slot, 0 | 1, id]: the routed count and gate sum of an expert
-            routed_at = ids + torch.arange(layers.start, layers.stop, device=ids.device)[:, None, None] * (3 * num_experts)
+            routed_at = ids + torch.arange(layers.start, layers.stop, device=ids.device)[:, None, None] * (2 * num_experts)
             totals.index_add_(0, routed_at.flatten(), token_weight.expand(ids.shape).flatten())
             totals.index_add_(0, (routed_at + num_experts).flatten(), (gates * token_weight).flatten())
             # transitions[slot, a, b]: every (id in layer slot, id in layer slot + 1) of a token
@@ -296,9 +304,8 @@ class RoutingRecorder(nn.Module):
                 transitions.index_add_(0, pair_at.flatten(), token_weight.expand(pair_at.shape).flatten())
             previous = ids[-1:]
             if sampled is not None:
-                token_ids = ids.permute(2, 0, 1)
-                self.sample_ids[sampled, layers] = token_ids.to(self.sample_ids.dtype)
-                self.sample_probs[sampled, layers] = probs.gather(-1, token_ids)
+                self.sample_ids[sampled, layers] = ids.permute(2, 0, 1).to(self.sample_ids.dtype)
+                self.sample_probs[sampled, layers] = rows[:, layers, 2 * top_k :]
 
     def _sample_rows(self, weight: torch.Tensor) -> torch.Tensor:
         """Ring row of each token of this step: a random share of the traced ones, else scratch."""
@@ -342,7 +349,7 @@ class RoutingRecorder(nn.Module):
             tokens=tokens,
             counts=totals[:, 0].round().long(),
             gate_sum=totals[:, 1].clone(),
-            prob_sum=totals[:, 2].clone(),
+            prob_sum=self.prob_totals.view(len(self.moe_layers), self.num_experts).cpu().clone(),
             transitions=self.transitions.cpu().round().long(),
         )
 
@@ -367,7 +374,7 @@ class RoutingRecorder(nn.Module):
         token is counted twice or lost between two drains.
         """
         stats = self.snapshot()
-        for buffer in (self.totals, self.transitions):
+        for buffer in (self.totals, self.prob_totals, self.transitions):
             buffer.zero_()
         if self.sample_capacity == 0:
             return stats, None
