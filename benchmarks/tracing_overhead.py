@@ -15,7 +15,15 @@ engine per variant and keeps them all alive; they take turns (A B, B A, ...), ne
 generating at the same time, so the noise of a shared machine (which moves engine
 starts 10-25% apart here) hits both sides of a pair of neighbouring rounds alike. The
 ratio is taken per pair (round i of capture / round i of stock) and reported as mean
-+/- two standard errors over all pairs.
++/- two standard errors over all pairs. Rounds are short by default (32 tokens, about
+half a second): this machine's speed drifts by tens of percent within seconds, and
+short rounds give many pairs whose halves ran under nearly the same conditions. They
+weigh prefill more than long generations do; if anything that overstates capture's
+share: its cost is per token, and a prefill token costs the model less than a decode token.
+
+Inside each engine's worker every model forward pass is timed too (wall and the worker
+thread's CPU time, which leaves out the time it waits for a core), and the median decode
+step of each round is compared the same way, pair by pair.
 
 Then where the time goes: a micro-benchmark of capture's two parts for one forward pass
 (one CPU thread): ``RoutingRecorder.record`` per MoE layer (eager at several token counts,
@@ -52,9 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=TESTBED_MODEL, help="model directory (default: the testbed)")
     parser.add_argument("--prompts", type=int, default=64, help="prompts per round, mixed from the four domains' traffic")
-    parser.add_argument("--max-tokens", type=int, default=128, help="generated tokens per prompt")
+    parser.add_argument("--max-tokens", type=int, default=32, help="generated tokens per prompt and round")
     parser.add_argument("--reps", type=int, default=3, help="repetitions: each starts one engine per variant, alive together")
-    parser.add_argument("--rounds", type=int, default=4, help="timed rounds per repetition and setting (engines take turns)")
+    parser.add_argument("--rounds", type=int, default=16,
+                        help="timed rounds per repetition and setting (engines take turns)")
     parser.add_argument("--eager", action="store_true", help="enforce_eager (default: torch.compile, production)")
     parser.add_argument("--variants", nargs="+", choices=("stock", "capture", "sampling"),
                         default=["stock", "capture", "sampling"],
@@ -84,25 +93,57 @@ def sampling_supported() -> bool:
     return "sample_capacity" in inspect.signature(TracingLLM.__init__).parameters
 
 
-def _time_counting(worker: Any) -> bool:
-    """Run in the engine's worker: accumulate the wall time of the recorder's per-step ``count``
-    (counting passes included) in ``worker.moe_prune_count_s``."""
-    recorder = worker.model_runner.get_model().moe_prune_recorder
-    count = recorder.count
-    worker.moe_prune_count_s = 0.0
+def _install_timers(worker: Any) -> int:
+    """Run in the engine's worker: time every model forward pass and, on the plugin's model,
+    the recorder's per-step ``count`` (counting passes included).
 
-    def timed(num_tokens: int) -> None:
-        started = time.perf_counter()
-        count(num_tokens)
-        worker.moe_prune_count_s += time.perf_counter() - started
+    Each forward is kept as (tokens, wall seconds, thread CPU seconds). The worker computes
+    on one thread (vLLM binds it to one core here; the count is returned to check), so
+    its thread CPU time is the model's own work: time the worker spends descheduled while
+    other processes run, the main noise of this shared machine, is not in it.
+    """
+    runner = worker.model_runner
+    forward = runner._model_forward
+    worker.moe_prune_timings = {"forwards": [], "count_s": 0.0}
 
-    recorder.count = timed
-    return True
+    def timed_forward(*args: Any, **kwargs: Any) -> Any:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        out = forward(*args, **kwargs)
+        tokens = kwargs["positions"].shape[-1] if kwargs.get("positions") is not None else -1
+        worker.moe_prune_timings["forwards"].append(
+            (tokens, time.perf_counter() - wall, time.thread_time() - cpu))
+        return out
+
+    runner._model_forward = timed_forward
+    recorder = getattr(runner.get_model(), "moe_prune_recorder", None)
+    if recorder is not None:
+        count = recorder.count
+
+        def timed_count(num_tokens: int) -> None:
+            started = time.perf_counter()
+            count(num_tokens)
+            worker.moe_prune_timings["count_s"] += time.perf_counter() - started
+
+        recorder.count = timed_count
+    return torch.get_num_threads()
 
 
-def _take_count_seconds(worker: Any) -> float:
-    seconds, worker.moe_prune_count_s = worker.moe_prune_count_s, 0.0
-    return seconds
+def _take_timings(worker: Any) -> dict[str, Any]:
+    timings, worker.moe_prune_timings = worker.moe_prune_timings, {"forwards": [], "count_s": 0.0}
+    return timings
+
+
+def _step_times(timings: dict[str, Any], decode_tokens: int) -> dict[str, float]:
+    """A round's forward passes in brief: count time, and the decode steps (``decode_tokens``
+    sequences each; prefill and warm-up shapes differ) by median wall and thread CPU time."""
+    decode = [f for f in timings["forwards"] if f[0] == decode_tokens]
+    return {
+        "count_s": timings["count_s"],
+        "forward_s": sum(f[1] for f in timings["forwards"]),
+        "decode_steps": len(decode),
+        "decode_step_ms": statistics.median(f[1] for f in decode) * 1e3 if decode else float("nan"),
+        "decode_step_cpu_ms": statistics.median(f[2] for f in decode) * 1e3 if decode else float("nan"),
+    }
 
 
 class BenchEngine:
@@ -135,28 +176,31 @@ class BenchEngine:
             os.environ.clear()
             os.environ.update(saved_env)
         self.startup_s = round(time.perf_counter() - started, 1)
+        self.worker_threads = self.llm.collective_rpc(_install_timers)[0]
         if self.engine is not None:
-            self.llm.collective_rpc(_time_counting)
             self.engine.set_tracing(True)
         greedy_round(self.llm, prompts, args.max_tokens)  # warm-up, untimed
         if self.engine is not None:
             self.engine.drain()
 
+    def _timed_round(self, setting: str) -> None:
+        """One round, with what the worker measured of its forward passes."""
+        self.llm.collective_rpc(_take_timings)
+        measured = greedy_round(self.llm, self.prompts, self.args.max_tokens)
+        measured |= _step_times(self.llm.collective_rpc(_take_timings)[0], len(self.prompts))
+        self.rounds.setdefault(setting, []).append(measured)
+
     def run_round(self) -> None:
         """One timed round; the plugin's engines run one with counters on, then one off."""
-        args, prompts = self.args, self.prompts
         if self.engine is None:
-            self.rounds.setdefault("stock", []).append(greedy_round(self.llm, prompts, args.max_tokens))
+            self._timed_round("stock")
             return
         self.engine.set_tracing(True)
-        self.llm.collective_rpc(_take_count_seconds)
-        measured = greedy_round(self.llm, prompts, args.max_tokens)
-        measured["count_s"] = self.llm.collective_rpc(_take_count_seconds)[0]
-        self.rounds.setdefault(self.variant, []).append(measured)
+        self._timed_round(self.variant)
         self.engine.set_tracing(False)
         stats, _ = self.engine.drain()
         self.traced_tokens.append(stats.tokens)
-        self.rounds.setdefault(f"{self.variant}-off", []).append(greedy_round(self.llm, prompts, args.max_tokens))
+        self._timed_round(f"{self.variant}-off")
         off_stats, _ = self.engine.drain()
         if off_stats.tokens:
             raise RuntimeError(f"counters off but {off_stats.tokens} tokens were counted")
@@ -169,7 +213,7 @@ class BenchEngine:
 
     def result(self, rep: int) -> dict[str, Any]:
         return {"variant": self.variant, "rep": rep, "startup_s": self.startup_s, "rounds": self.rounds,
-                "traced_tokens": self.traced_tokens}
+                "traced_tokens": self.traced_tokens, "worker_threads": self.worker_threads}
 
 
 # --------------------------------------------------------------------------- micro-benchmark
@@ -336,6 +380,18 @@ def profile_in_engine(variant: str, args: argparse.Namespace, prompts: list[list
 # --------------------------------------------------------------------------- report
 
 
+def _paired_ratios(engines: list[dict[str, Any]], setting: str, baseline: str, key: str) -> list[float]:
+    """``key`` of round i of ``setting`` / of round i of ``baseline``, in each repetition: the
+    engines take turns, so the two rounds of a pair ran next to each other in time."""
+    ratios = []
+    for rep in sorted({e["rep"] for e in engines}):
+        in_rep = [e for e in engines if e["rep"] == rep]
+        base = [r[key] for e in in_rep for r in e["rounds"].get(baseline, []) if key in r]
+        values = [r[key] for e in in_rep for r in e["rounds"].get(setting, []) if key in r]
+        ratios += [v / b for v, b in zip(values, base)]
+    return ratios
+
+
 def summarise(engines: list[dict[str, Any]], baseline: str = "stock") -> dict[str, Any]:
     settings = sorted({name for e in engines for name in e["rounds"]}, key=lambda n: (n != baseline, n))
     pooled = {name: [r for e in engines for r in e["rounds"].get(name, [])] for name in settings}
@@ -345,18 +401,13 @@ def summarise(engines: list[dict[str, Any]], baseline: str = "stock") -> dict[st
             "output_tok_s": spread([r["output_tok_s"] for r in pooled[name]]),
             "total_tok_s": spread([r["total_tok_s"] for r in pooled[name]]),
         }
-    # Paired ratios: round i of a setting / round i of stock in the same repetition; the
-    # engines take turns, so the two rounds of a pair ran next to each other in time.
-    reps = sorted({e["rep"] for e in engines})
-    ratios: dict[str, list[float]] = {name: [] for name in settings if name != baseline}
-    for rep in reps:
-        in_rep = [e for e in engines if e["rep"] == rep]
-        base = [r["output_tok_s"] for e in in_rep for r in e["rounds"].get(baseline, [])]
-        for name in ratios:
-            vals = [r["output_tok_s"] for e in in_rep for r in e["rounds"].get(name, [])]
-            ratios[name] += [v / b for v, b in zip(vals, base)]
-    for name, values in ratios.items():
-        per_setting[name]["ratio_to_stock"] = spread(values) | {"pairs": values}
+        if name != baseline:
+            pairs = _paired_ratios(engines, name, baseline, "output_tok_s")
+            per_setting[name]["ratio_to_stock"] = spread(pairs) | {"pairs": pairs}
+            # the same pairs by the worker's thread CPU time per decode step (a cost: lower is better)
+            pairs = _paired_ratios(engines, name, baseline, "decode_step_cpu_ms")
+            if pairs:
+                per_setting[name]["step_cpu_ratio_to_stock"] = spread(pairs) | {"pairs": pairs}
     # CPU cost: output tokens per CPU-second of the whole process tree, pooled rounds
     base_cpu = statistics.median([r["output_tok_per_cpu_s"] for r in pooled[baseline]])
     for name in settings:
@@ -369,11 +420,65 @@ def summarise(engines: list[dict[str, Any]], baseline: str = "stock") -> dict[st
         # least disturbed estimate of each setting's own speed.
         per_setting[name]["best_round_ratio_to_stock"] = (
             per_setting[name]["output_tok_s"]["max"] / per_setting[baseline]["output_tok_s"]["max"])
-        shares = [r["count_s"] / r["seconds"] for r in pooled[name] if "count_s" in r]
-        if shares:
-            per_setting[name]["count_share"] = spread(shares)
-            per_setting[name]["count_ms_per_round"] = spread([r["count_s"] * 1e3 for r in pooled[name]])
+        # Inside the worker: the median decode step of each round, by wall and thread CPU time
+        for key in ("decode_step_ms", "decode_step_cpu_ms"):
+            values = [r[key] for r in pooled[name] if key in r]
+            if values:
+                per_setting[name][key] = spread(values)
+                per_setting[name][f"{key}_ratio_to_stock"] = (
+                    per_setting[name][key]["median"] / statistics.median(r[key] for r in pooled[baseline]))
+        counted = [r for r in pooled[name] if r.get("count_s")]
+        if counted:
+            per_setting[name]["count_share"] = spread([r["count_s"] / r["seconds"] for r in counted])
+            per_setting[name]["count_ms_per_round"] = spread([r["count_s"] * 1e3 for r in counted])
     return per_setting
+
+
+def _mean_and_margin(pairs: list[float]) -> tuple[float, float]:
+    """Mean of paired ratios and two standard errors of it."""
+    margin = 2 * statistics.stdev(pairs) / len(pairs) ** 0.5 if len(pairs) > 1 else float("inf")
+    return statistics.mean(pairs), margin
+
+
+def _verdict(lost: float, margin: float) -> str:
+    """Whether ``lost`` +/- ``margin`` (two standard errors) is within the target."""
+    if lost + margin <= TARGET_LOSS:
+        return "met"
+    if lost - margin > TARGET_LOSS:
+        return "MISSED"
+    return "not settled by this run"
+
+
+def _worker_lines(summary: dict[str, Any], labels: dict[str, str]) -> list[str]:
+    """The in-worker table: each round's median decode step, by wall and by the worker's
+    thread CPU time (which leaves out time spent descheduled), and the verdict by the latter."""
+    lines = [
+        "Inside the worker (timed around every model forward pass; a decode step is one forward of all the "
+        "round's sequences, whose median per round is taken; thread CPU time leaves out the time the worker "
+        "waits for a core, so other work on the machine disturbs it much less than wall time):", "",
+        "| setting | decode step, wall ms (median) | decode step, thread CPU ms (median, min..max) | "
+        "CPU per step vs stock (pooled medians) | CPU per step vs stock (mean of pairs +/- 2 SE) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, s in summary.items():
+        if "decode_step_cpu_ms" not in s:
+            continue
+        cpu = s["decode_step_cpu_ms"]
+        paired = ""
+        if "step_cpu_ratio_to_stock" in s:
+            mean, margin = _mean_and_margin(s["step_cpu_ratio_to_stock"]["pairs"])
+            paired = f"{(mean - 1) * 100:+.1f}% +/- {margin * 100:.1f}%"
+        lines.append(f"| {labels.get(name, name)} | {s['decode_step_ms']['median']:.2f} | {cpu['median']:.2f} "
+                     f"({cpu['min']:.2f}..{cpu['max']:.2f}) | {(s['decode_step_cpu_ms_ratio_to_stock'] - 1) * 100:+.1f}% "
+                     f"| {paired} |")
+    pairs = summary["capture"]["step_cpu_ratio_to_stock"]["pairs"]
+    mean, margin = _mean_and_margin(pairs)
+    extra = mean - 1
+    lines += ["", f"By this measure, counters ON make a decode step {extra * 100:+.1f}% +/- {margin * 100:.1f}% "
+              f"costlier than stock (mean of {len(pairs)} paired rounds): the target is **{_verdict(extra, margin)}** "
+              "for the model step. It bounds the throughput lost as long as the worker's step is the bottleneck "
+              "(the scheduler, detokenizer and this process run beside it on the other core)."]
+    return lines + [""]
 
 
 def markdown(summary: dict[str, Any], micro: dict[str, Any], config: dict[str, Any], startups: dict[str, list[float]],
@@ -412,15 +517,10 @@ def markdown(summary: dict[str, Any], micro: dict[str, Any], config: dict[str, A
                         if "count_share" in s else "|"))
     cap = summary["capture"]
     pairs = cap["ratio_to_stock"]["pairs"]
-    lost_on = 1 - statistics.mean(pairs)
+    mean, margin = _mean_and_margin(pairs)
+    lost_on = 1 - mean
     lost_cpu = 1 - cap["cpu_ratio_to_stock"]
-    margin = 2 * statistics.stdev(pairs) / len(pairs) ** 0.5 if len(pairs) > 1 else float("inf")
-    if lost_on + margin <= TARGET_LOSS:
-        verdict = "met"
-    elif lost_on - margin > TARGET_LOSS:
-        verdict = "MISSED"
-    else:
-        verdict = "not settled by this run"
+    verdict = _verdict(lost_on, margin)
     lines += ["", f"Target (at most {TARGET_LOSS:.0%} lost with counters on): **{verdict}**: "
               f"{lost_on * 100:.1f}% +/- {margin * 100:.1f}% (two standard errors over {len(pairs)} pairs of rounds) "
               f"lost by wall-clock throughput (mean of paired ratios, spread "
@@ -429,13 +529,15 @@ def markdown(summary: dict[str, Any], micro: dict[str, Any], config: dict[str, A
               "CPU cost (output tokens per CPU-second of all engine processes, which other work on the shared "
               f"cores disturbs less than wall time), {(1 - cap['best_round_ratio_to_stock']) * 100:.1f}% by best "
               "rounds.", ""]
+    if "step_cpu_ratio_to_stock" in cap:
+        lines += _worker_lines(summary, labels)
     if "count_share" in cap:
-        lines += [f"Inside the engine, the eager half of capture (`count`: per step the padding mask, and the "
-                  f"counting passes) took {cap['count_ms_per_round']['median']:.1f} ms of a round "
+        lines += [f"Inside the engine, the eager half of capture (`count`: the counting passes, "
+                  f"each over the steps that waited) took {cap['count_ms_per_round']['median']:.1f} ms of a round "
                   f"({cap['count_share']['median']:.2%} of its wall time; median over "
                   f"{cap['count_share']['n']} rounds with counters on, timed with perf_counter in the worker). "
-                  "The other half, the scratch writes, is fused by inductor into the model's own kernels and "
-                  "runs with counters off too, so the OFF row bounds it.", ""]
+                  "The other half, `record` (the probability sums and the scratch writes), is fused by inductor "
+                  "into the model's own kernels and runs with counters off too, so the OFF row bounds it.", ""]
     if sampling_note:
         lines += [sampling_note, ""]
     lines += ["Engine start-up (s): " + "; ".join(f"{k} {', '.join(f'{v:.0f}' for v in vals)}"
@@ -443,9 +545,10 @@ def markdown(summary: dict[str, Any], micro: dict[str, Any], config: dict[str, A
     lines += [
         f"Where the time goes. (1) Capture's two parts for one forward pass, timed alone on one CPU thread "
         f"(hidden {dims['hidden']}, {dims['experts']} experts, top-{dims['top_k']}, {dims['layers']} MoE layers): "
-        "`record` (per MoE layer, inside the compiled graph: the routing the model computed, its logits, gates "
-        "and expert ids, into the scratch buffer) and `count` "
-        "(once per step, eager: keeps the step's token weights, and once more than "
+        "`record` (per MoE layer, inside the compiled graph, from the routing the model computed: the "
+        "full softmax summed over the step's tokens, and the gates, expert ids and their probabilities written "
+        "into the scratch buffer) and `count` "
+        "(once per step, eager: once more than "
         f"{micro['count_batch_tokens']} tokens wait counts them for all layers at once; the cost "
         "shown is the mean per step, counting passes included); `router` is the routing the model "
         "computes per layer anyway (logits, softmax, top-k), for scale.",
@@ -583,8 +686,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{nearest['count_us_per_step']:.0f} us of count at {nearest['tokens']} tokens), so {steps} steps predict "
         f"{predicted_s * 1e3:.0f} ms more per round ({predicted_s / stock_s:.1%} of a stock round); measured: "
         f"{(capture_s - stock_s) * 1e3:.0f} ms ({(capture_s - stock_s) / stock_s:.1%}, median rounds over all "
-        "repetitions). Counters OFF skips `count` and keeps `record`. Capture's work per token is a copy of "
-        "its routing and, when counted, a softmax over every expert and a few index additions per MoE layer, the "
+        "repetitions). Counters OFF skips `count` and keeps `record`. Capture's work per token is a softmax "
+        "over every expert, a copy of its routing and, when counted, a few index additions per MoE layer, the "
         "model's is its attention and active experts: the narrower the experts (the testbed: hidden 128, width "
         "128), the larger capture's share."
     )
