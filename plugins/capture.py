@@ -7,7 +7,7 @@ model at construction (:class:`RoutingRecorder`), in two parts:
 1. inside each MoE layer's router, which vLLM compiles with the model
    (:meth:`RoutingRecorder.record`), from the routing the model has just computed (its
    router logits, chosen expert ids and gate weights): the probability sum is added to
-   at once (a softmax and one product per layer), and the chosen ids and gates are
+   at once (a softmax and a sum over tokens per layer), and the chosen ids and gates are
    written into a ``[tokens, layers, 3 * top_k]`` scratch buffer with one
    ``index_copy_``. Nothing is routed a second time: what is counted is exactly what
    the model did;
@@ -207,7 +207,7 @@ class RoutingRecorder(nn.Module):
 
         * the probability sum is added at once: the full softmax over every original
           expert, weighted by which tokens count (real, not padding, while recording is
-          on), summed over the tokens: one product per layer and step;
+          on), summed over the tokens, once per layer and step;
         * the top-k gates, original ids and their full-softmax probabilities are written at
           the running offset of the scratch, for the counting pass;
         * the last layer keeps each token's weight and advances the offset while steps
