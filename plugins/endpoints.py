@@ -29,18 +29,18 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from vllm.logger import init_logger
 
 from vllm_moe_prune.checkpoint import Checkpoint
 from vllm_moe_prune.plan import Plan
 from vllm_moe_prune.stats import RoutingStats
 from vllm_moe_prune.traces import FULL_VARIANT, Samples, ShardMeta, write_shard
 
+from . import plugin_logger
 from .metrics import ServerMetrics
 from .offline import samples_from_rpc
 from .settings import MetricsSettings, TraceSettings
 
-logger = init_logger(__name__)
+logger = plugin_logger(__name__)
 
 _LABEL = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 

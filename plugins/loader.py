@@ -17,7 +17,6 @@ import torch
 from torch import nn
 from vllm.config import ModelConfig, VllmConfig
 from vllm.config.load import LoadConfig
-from vllm.logger import init_logger
 from vllm.model_executor.model_loader import register_model_loader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.platforms import current_platform
@@ -28,9 +27,10 @@ from vllm_moe_prune.plan import Plan
 from vllm_moe_prune.remap import read_kept_tensors
 from vllm_moe_prune.serving import CONFIG_COUNTS_KEY, CONFIG_PLAN_KEY, LOAD_FORMAT
 
+from . import plugin_logger
 from .models import BINDINGS, KEPT_TENSOR_PREFIX
 
-logger = init_logger(__name__)
+logger = plugin_logger(__name__)
 
 
 class MoePruneConfigError(UserError):

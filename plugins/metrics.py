@@ -42,7 +42,6 @@ from typing import Any
 import torch
 from prometheus_client import Counter, Gauge, Histogram
 from vllm.config import VllmConfig
-from vllm.logger import init_logger
 from vllm.v1.metrics.buckets import histogram_buckets
 from vllm.v1.metrics.loggers import StatLoggerBase
 from vllm.v1.metrics.stats import IterationStats, MultiModalCacheStats, SchedulerStats
@@ -52,9 +51,10 @@ from vllm_moe_prune.plan import Plan, predicted_bytes
 from vllm_moe_prune.serving import CONFIG_PLAN_KEY
 from vllm_moe_prune.traces import FULL_VARIANT
 
+from . import plugin_logger
 from .settings import MetricsSettings
 
-logger = init_logger(__name__)
+logger = plugin_logger(__name__)
 
 VARIANT_LABELS = ("model_name", "variant")
 LAYER_LABELS = (*VARIANT_LABELS, "layer")
