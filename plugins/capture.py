@@ -52,6 +52,8 @@ eager operation costs about 1% of a decode step of the testbed.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -71,8 +73,9 @@ COUNT_PASS_BYTES = 64 << 20
 COUNT_BATCH_TOKENS = 1024
 
 
-def _capturing_cuda_graph() -> bool:
-    return torch.cuda.is_current_stream_capturing()
+def capturing_cuda_graph() -> bool:
+    """Whether a CUDA graph is being captured now (never, on a build without CUDA)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 class RoutingRecorder(nn.Module):
@@ -238,6 +241,23 @@ class RoutingRecorder(nn.Module):
             self.waiting_real.index_copy_(0, tokens, weight)
             self.offset.add_(self.appending * num_tokens)
 
+    #: The buffers :meth:`record` writes inside the graph (``padding`` is vLLM's, read only).
+    GRAPH_WRITES = ("prob_totals", "scratch", "waiting_real", "offset")
+
+    @contextlib.contextmanager
+    def discarding_writes(self) -> Iterator[None]:
+        """Undo, on leaving, what forward passes inside the block recorded.
+
+        For running one step twice (see compile_check.py): the second run then records
+        the step once, as if the first had not run. The buffers are copied once, whole.
+        """
+        saved = {name: getattr(self, name).clone() for name in self.GRAPH_WRITES}
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                getattr(self, name).copy_(value)
+
     @torch.no_grad()
     def count(self, num_tokens: int) -> None:
         """Take in the forward pass that just ran (its first ``num_tokens`` tokens).
@@ -249,7 +269,7 @@ class RoutingRecorder(nn.Module):
         ``num_tokens``, so a CUDA graph captures and replays it (weighted by the on/off
         flag when replayed).
         """
-        if not (self._on or (self._graphs and _capturing_cuda_graph())):
+        if not (self._on or (self._graphs and capturing_cuda_graph())):
             return  # off, and no graph will replay this step: nothing would be added
         self._waiting += num_tokens  # what the graph added to ``offset``
         if self._waiting > self.count_batch_tokens:

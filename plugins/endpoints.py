@@ -151,6 +151,7 @@ class TraceService:
             "buffer_bytes": worker["buffer_bytes"],
             "variant": self.plan.plan_id if self.plan else FULL_VARIANT,
             "experts_per_layer": worker["experts_per_layer"],
+            "compile_check": worker["compile_check"],
         }
 
     async def run_periodic_flush(self) -> None:

@@ -132,6 +132,12 @@ class RoutingSeries:
             "moe_prune_trace_buffer_bytes", "Bytes of the capture buffers held by the engine (first worker).",
             VARIANT_LABELS, multiprocess_mode=_GAUGE_MODE,
         )
+        self.eager_fallback = Gauge(
+            "moe_prune_eager_fallback",
+            "1 when the compiled model computed something else than the eager model at its first served "
+            "step, so the engine serves eagerly (correct, slower; see the server log for the remedy).",
+            VARIANT_LABELS, multiprocess_mode=_GAUGE_MODE,
+        )
         self.shards_written = Counter("moe_prune_trace_shards_written", "Trace shards written.", VARIANT_LABELS)
         self.shards_failed = Counter(
             "moe_prune_trace_shards_failed", "Trace shard writes that failed (statistics kept for the next flush).",
@@ -309,6 +315,7 @@ class ServerMetrics:
         now, seen = _Peek.from_rpc(raw), self._seen
         series, labels = self.series, self.labels
         series.tracing_active.labels(**labels).set(int(raw["active"]))
+        series.eager_fallback.labels(**labels).set(int(raw["eager_fallback"]))
         series.tokens_traced.labels(**labels).inc(now.tokens - seen.tokens)
         mass, seen_mass = now.prob_sum.sum(dim=1), seen.prob_sum.sum(dim=1)
         kept, seen_kept = (now.prob_sum * self.kept_mask).sum(dim=1), (seen.prob_sum * self.kept_mask).sum(dim=1)

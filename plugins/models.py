@@ -2,7 +2,7 @@
 (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, DeepSeek-V2, DeepSeek-V3).
 
 vLLM reads ONE expert count from the config for every layer. Each class here subclasses
-vLLM's own model class and changes two things, nothing else:
+vLLM's own model class and changes three things, nothing else:
 
 1. Construction: every MoE layer is built with its own kept-expert count (from
    ``moe_prune_experts_per_layer`` in the config, set through ``--hf-overrides`` by
@@ -15,6 +15,9 @@ vLLM's own model class and changes two things, nothing else:
    :class:`~plugins.capture.RoutingRecorder`, and the model's forward counts the step's
    routing for all layers at once after vLLM's compiled model returns (see capture.py),
    in original expert ids, so live coverage of the kept set is measurable.
+3. A check, once: the first step that serves tokens runs through the compiled model and
+   again eagerly, and the eager result is served from then on if they differ (see
+   compile_check.py), since capture changes the graph inductor compiles.
 
 Weight loading keeps vLLM's own code; ``load_weights`` only renumbers kept experts and
 slices router rows through :class:`vllm_moe_prune.remap.PrunedLayout`, fed by the
@@ -32,8 +35,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .capture import COUNT_BATCH_TOKENS, RoutingRecorder
-from .settings import SampleSettings
+from . import plugin_logger
+from .capture import COUNT_BATCH_TOKENS, RoutingRecorder, capturing_cuda_graph
+from .compile_check import CompileCheck
+from .settings import CompileSettings, SampleSettings
 from vllm_moe_prune.checkpoint import held_expert_counts
 from vllm_moe_prune.families import FAMILIES, MoEShape
 from vllm_moe_prune.remap import PrunedLayout
@@ -41,6 +46,8 @@ from vllm_moe_prune.serving import CONFIG_COUNTS_KEY
 
 #: Name prefix of the extra tensors the moe_prune loader sends ahead of the weights.
 KEPT_TENSOR_PREFIX = "moe_prune.kept."
+
+logger = plugin_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -93,20 +100,27 @@ def _expert_count(config, keys: tuple[str, ...], count: int) -> Iterator[None]:
             setattr(config, key, value)
 
 
-def _keep_inductor_order(vllm_config) -> None:
-    """Turn off inductor's peak-memory reordering for the graph vLLM compiles of this model.
+def _set_inductor_order(vllm_config) -> None:
+    """Turn inductor's peak-memory reordering off where the user asked to.
 
-    With torch 2.13 and vLLM's CPU build, that pass can move an op that writes into an
-    output argument (``torch.ops._C.onednn_mm(out, ...)``, the DeepSeek-V3 router's
-    matmul) after the kernel that reads ``out``. Seen in inductor's output code for the
-    tiny DeepSeek-V3 when capture added a second router product to the graph (an earlier
-    design): the sigmoid over the router logits was scheduled before the matmul that
-    computes them, and the model's log-probabilities were off by 3.5. Capture still adds
-    readers of the router's logits (and, on a pruned variant, a product of its input).
-    Eager runs and runs with this pass off are exact. The pass only saves activation
-    memory, which vLLM's profiling run measures either way.
+    On by default, as in stock vLLM: turning it off for every model cost about 5% of the
+    engine's throughput. The check in compile_check.py guards it, and names this setting
+    (``MOE_PRUNE_INDUCTOR_REORDER=0``) if the compiled model computes something else.
     """
-    vllm_config.compilation_config.inductor_compile_config["reorder_for_peak_memory"] = False
+    if not CompileSettings.from_env().reorder_for_peak_memory:
+        vllm_config.compilation_config.inductor_compile_config["reorder_for_peak_memory"] = False
+
+
+def _serves_tokens() -> bool:
+    """Whether this forward pass serves real tokens: not a warm-up pass (vLLM's CPU runner
+    gives those no attention metadata) and not a CUDA-graph capture."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    return (
+        is_forward_context_available()
+        and get_forward_context().attn_metadata is not None
+        and not capturing_cuda_graph()
+    )
 
 
 @functools.cache
@@ -164,7 +178,7 @@ def _make_pruned_class(model_type: str) -> type[nn.Module]:
                     "the tokens of every data-parallel rank together, so each rank would count them all); run "
                     "one server per replica: their trace shards merge (`vllm-moe-prune plan --traces` reads them all)"
                 )
-            _keep_inductor_order(vllm_config)
+            _set_inductor_order(vllm_config)
             config = vllm_config.model_config.hf_text_config
             shape = MoEShape.from_config(config.to_dict())
             counts = experts_per_layer(config, shape)
@@ -201,6 +215,7 @@ def _make_pruned_class(model_type: str) -> type[nn.Module]:
             )
             self.moe_prune_recorder = recorder
             self.moe_prune_first_pass_done = False
+            self.moe_prune_compile_check = CompileCheck.for_model(compiled=not getattr(self.model, "do_not_compile", True))
             if sampling.capacity:
                 recorder.set_sample_rate(sampling.rate)
             for slot, (_, block) in enumerate(self.moe_prune_blocks()):
@@ -214,9 +229,44 @@ def _make_pruned_class(model_type: str) -> type[nn.Module]:
             """vLLM's forward (compiled inside), then this step's routing counted for all layers."""
             if not self.moe_prune_first_pass_done:
                 self._moe_prune_first_pass()
-            hidden_states = super().forward(input_ids, positions, *args, **kwargs)
+            if self.moe_prune_compile_check.pending and _serves_tokens():
+                hidden_states = self._moe_prune_checked_forward(input_ids, positions, *args, **kwargs)
+            else:
+                hidden_states = super().forward(input_ids, positions, *args, **kwargs)
             self.moe_prune_recorder.count(positions.shape[-1])
             return hidden_states
+
+        def _moe_prune_checked_forward(self, *args, **kwargs) -> torch.Tensor:
+            """One step through the compiled model and again eagerly; the eager result, and
+            eager steps from then on, if the compiled one differs (see compile_check.py).
+
+            The eager run goes second: it leaves its own keys and values in the KV cache
+            and its routing in the recorder, and the compiled run's routing is undone."""
+            from vllm.forward_context import get_forward_context
+
+            check = self.moe_prune_compile_check
+            with self.moe_prune_recorder.discarding_writes():
+                compiled = super().forward(*args, **kwargs).clone()
+            context = get_forward_context()
+            context.skip_compiled = True
+            try:
+                eager = super().forward(*args, **kwargs)
+            finally:
+                context.skip_compiled = False
+            if check.judge(compiled, eager):
+                logger.info(
+                    "The compiled model's first served step equals the eager model's (relative error %.2g)",
+                    check.relative_error,
+                )
+                return compiled
+            self.model.do_not_compile = True
+            logger.error(
+                "The compiled model computes something else than the eager model (relative error %.3g, tolerance "
+                "%.1g): this engine runs eagerly from now on, correct but slower. Restart it with "
+                "MOE_PRUNE_INDUCTOR_REORDER=0 (inductor's peak-memory reordering off) to serve compiled again.",
+                check.relative_error, check.tolerance,
+            )
+            return eager
 
         def _moe_prune_first_pass(self) -> None:
             """Set capture up against the engine, at the first forward pass (vLLM's profiling

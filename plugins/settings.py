@@ -19,7 +19,10 @@ refuses to start on one when it validates its environment strictly.
   ``/metrics`` (default 10; each refresh is one small RPC to the engine);
 * ``MOE_PRUNE_METRICS_PER_EXPERT``: ``1`` to also export per-expert series (layers x
   experts of them; off by default, like upstream vLLM keeps per-expert detail opt-in for
-  cardinality).
+  cardinality);
+* ``MOE_PRUNE_INDUCTOR_REORDER``: ``0`` to turn off inductor's peak-memory reordering in
+  the graph vLLM compiles (default 1: on, as in stock vLLM); the remedy the engine names
+  when its compiled model fails the check of compile_check.py.
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ class SettingsError(ValueError):
     """A ``MOE_PRUNE_*`` variable has a value the plugin cannot use."""
 
 
-def _flag(name: str) -> bool:
-    value = os.environ.get(name, "0").strip().lower()
+def _flag(name: str, default: str = "0") -> bool:
+    value = os.environ.get(name, default).strip().lower()
     if value not in {"0", "1", "true", "false", "yes", "no", ""}:
         raise SettingsError(f"{name}={value!r}: use 1 or 0")
     return value in {"1", "true", "yes"}
@@ -99,3 +102,12 @@ class MetricsSettings:
             refresh_interval=_seconds("MOE_PRUNE_METRICS_INTERVAL", "10"),
             per_expert=_flag("MOE_PRUNE_METRICS_PER_EXPERT"),
         )
+
+
+@dataclass(frozen=True)
+class CompileSettings:
+    reorder_for_peak_memory: bool
+
+    @classmethod
+    def from_env(cls) -> "CompileSettings":
+        return cls(reorder_for_peak_memory=_flag("MOE_PRUNE_INDUCTOR_REORDER", "1"))

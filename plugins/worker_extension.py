@@ -15,6 +15,8 @@ import torch
 
 from vllm_moe_prune.stats import RoutingStats
 
+from .compile_check import FAILED
+
 
 def expert_weight_bytes(block: torch.nn.Module) -> int:
     """Bytes of routed-expert weights a MoE block holds on this worker (w13 and w2)."""
@@ -88,11 +90,13 @@ class MoePruneWorkerExtension:
         or lost, and trace flushes keep their own drain cycle. ``counts`` and
         ``prob_sum`` are ``[moe layer][original expert]`` lists.
         """
-        recorder = self._moe_prune_model().moe_prune_recorder
+        model = self._moe_prune_model()
+        recorder = model.moe_prune_recorder
         totals = self._moe_prune_totals()
         pending = recorder.snapshot()
         return {
             "active": bool(recorder.active.item()),
+            "eager_fallback": model.moe_prune_compile_check.state == FAILED,
             "tokens": totals.tokens + pending.tokens,
             "counts": (totals.counts + pending.counts).tolist(),
             "prob_sum": (totals.prob_sum + pending.prob_sum).tolist(),
@@ -114,4 +118,5 @@ class MoePruneWorkerExtension:
             "buffer_bytes": sum(b.numel() * b.element_size() for b in recorder.buffers()),
             "experts_per_layer": {str(k): v for k, v in model.moe_prune_counts.items()},
             "load_info": getattr(model, "moe_prune_load_info", {}),
+            "compile_check": model.moe_prune_compile_check.as_dict(),
         }

@@ -51,6 +51,8 @@ def serve_and_compare(model_dir: Path, plan_path: Path | None, prompts: list[lis
         got = prompt_logprobs(engine.llm, prompts)
         stats, info = engine.drain()
         status = engine.status()
+    # A compiled engine checked its first served step against its eager model (compile_check.py).
+    assert status["compile_check"]["state"] == ("not compiled" if kwargs.get("enforce_eager") else "passed")
     want = reference_token_logprobs(pruned_reference_logprobs(model_dir, plan.kept if plan else None, prompts), prompts)
     return {"diff": max_abs_diff(got, want), "stats": stats, "info": info, "status": status, "plan": plan}
 

@@ -155,6 +155,7 @@ def test_weight_memory_variant_and_kept_experts(server, testbed):
     assert value(m, "moe_prune_variant_info", **labels, method="test", budget="30/64 experts",
                  fingerprint=ckpt.fingerprint) == 1
     assert value(m, "moe_prune_tracing_active", **labels) == 1
+    assert value(m, "moe_prune_eager_fallback", **labels) == 0
     assert value(m, "moe_prune_trace_buffer_bytes", **labels) > 0
     assert not any(name.startswith("vllm:moe") for name in m)
 

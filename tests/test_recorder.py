@@ -186,7 +186,7 @@ def test_recording_off_adds_nothing_and_drain_resets(in_graph_capture, tiny_root
     the on/off flag (a tensor the replayed graph reads) zeroes every token's weight.
     There is no GPU here, so graph capture is simulated: the recorder is made as on a
     CUDA device (every step counted at once) and the capture check is patched."""
-    monkeypatch.setattr(capture, "_capturing_cuda_graph", lambda: in_graph_capture)
+    monkeypatch.setattr(capture, "capturing_cuda_graph", lambda: in_graph_capture)
     layers = layers_for("qwen3_moe", tiny_root)
     recorder = recorder_for(layers, count_batch_tokens=0)
     recorder._graphs = True

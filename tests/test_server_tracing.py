@@ -78,6 +78,7 @@ def test_concurrent_traffic_is_counted_exactly_and_flushed(server):
     assert traces.labels.keys() == {"mixed"}
     status = requests.get(f"{server.url}/moe_prune/trace/status", timeout=30).json()
     assert status["active"] and status["shards_failed"] == 0 and status["tokens_unflushed"] == 0
+    assert status["compile_check"]["state"] == "not compiled"  # this server runs eagerly
 
 
 def test_stop_and_start_with_label(server):
