@@ -260,11 +260,14 @@ def _make_pruned_class(model_type: str) -> type[nn.Module]:
                 )
                 return compiled
             self.model.do_not_compile = True
+            if CompileSettings.from_env().reorder_for_peak_memory:
+                remedy = "Restart it with MOE_PRUNE_INDUCTOR_REORDER=0 (inductor's peak-memory reordering off)"
+            else:
+                remedy = "Reordering was already off: serve this model with --enforce-eager"
             logger.error(
                 "The compiled model computes something else than the eager model (relative error %.3g, tolerance "
-                "%.1g): this engine runs eagerly from now on, correct but slower. Restart it with "
-                "MOE_PRUNE_INDUCTOR_REORDER=0 (inductor's peak-memory reordering off) to serve compiled again.",
-                check.relative_error, check.tolerance,
+                "%.1g): this engine runs eagerly from now on, correct but slower. %s.",
+                check.relative_error, check.tolerance, remedy,
             )
             return eager
 

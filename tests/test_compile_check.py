@@ -111,7 +111,7 @@ def _prompts(seed: int) -> list[list[int]]:
 
 @pytest.mark.engine
 @pytest.mark.slow
-def test_a_compiled_model_that_computes_otherwise_is_served_eagerly(testbed, monkeypatch):
+def test_a_compiled_model_that_computes_otherwise_is_served_eagerly(testbed, monkeypatch, capfd):
     """The compiled engine of the testbed, made to miscompute, still serves the reference's
     log-probabilities: at the first served step (the check's eager run) and after it
     (eager from then on); and that step's routing is counted once."""
@@ -127,6 +127,8 @@ def test_a_compiled_model_that_computes_otherwise_is_served_eagerly(testbed, mon
         got_later = prompt_logprobs(engine.llm, later)
         stats, _ = engine.drain()
     assert check["state"] == FAILED and check["relative_error"] > 100 * check["tolerance"] and fallback
+    log = "".join(capfd.readouterr())  # the engine's processes log to this process's stdout and stderr
+    assert "runs eagerly from now on" in log and "MOE_PRUNE_INDUCTOR_REORDER=0" in log
     for prompts, got in ((first, got_first), (later, got_later)):
         want = reference_token_logprobs(pruned_reference_logprobs(testbed, None, prompts), prompts)
         assert max_abs_diff(got, want) < LOGPROB_ATOL
