@@ -7,7 +7,7 @@ measures them honestly (its text is nonsense; only its speed is used):
 
     python benchmarks/scaled_model.py --out runs/scaled-model
     flock /tmp/vllm-engine.lock python benchmarks/tracing_overhead.py --model runs/scaled-model \\
-        --variants stock capture --reps 2 --rounds 6 --max-tokens 48 \\
+        --variants stock capture --reps 2 --rounds 8 --micro-tokens 64 1088 --no-profile \\
         --results-name tracing_overhead_scaled
 """
 
