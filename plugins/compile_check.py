@@ -58,10 +58,19 @@ class CompileCheck:
     state: str
     relative_error: float | None = None
     tolerance: float | None = None
+    #: Whether the graph was compiled with inductor's peak-memory reordering on.
+    reordering: bool = True
 
     @classmethod
-    def for_model(cls, compiled: bool) -> "CompileCheck":
-        return cls(PENDING if compiled else NOT_COMPILED)
+    def for_model(cls, compiled: bool, reordering: bool = True) -> "CompileCheck":
+        return cls(PENDING if compiled else NOT_COMPILED, reordering=reordering)
+
+    @property
+    def remedy(self) -> str:
+        """What to restart the server with after a failed check."""
+        if self.reordering:
+            return "Restart it with MOE_PRUNE_INDUCTOR_REORDER=0 (inductor's peak-memory reordering off)"
+        return "Reordering was already off: serve this model with --enforce-eager"
 
     @property
     def pending(self) -> bool:

@@ -215,7 +215,10 @@ def _make_pruned_class(model_type: str) -> type[nn.Module]:
             )
             self.moe_prune_recorder = recorder
             self.moe_prune_first_pass_done = False
-            self.moe_prune_compile_check = CompileCheck.for_model(compiled=not getattr(self.model, "do_not_compile", True))
+            self.moe_prune_compile_check = CompileCheck.for_model(
+                compiled=not getattr(self.model, "do_not_compile", True),
+                reordering=vllm_config.compilation_config.inductor_compile_config.get("reorder_for_peak_memory", True),
+            )
             if sampling.capacity:
                 recorder.set_sample_rate(sampling.rate)
             for slot, (_, block) in enumerate(self.moe_prune_blocks()):
@@ -260,14 +263,10 @@ def _make_pruned_class(model_type: str) -> type[nn.Module]:
                 )
                 return compiled
             self.model.do_not_compile = True
-            if CompileSettings.from_env().reorder_for_peak_memory:
-                remedy = "Restart it with MOE_PRUNE_INDUCTOR_REORDER=0 (inductor's peak-memory reordering off)"
-            else:
-                remedy = "Reordering was already off: serve this model with --enforce-eager"
             logger.error(
                 "The compiled model computes something else than the eager model (relative error %.3g, tolerance "
                 "%.1g): this engine runs eagerly from now on, correct but slower. %s.",
-                check.relative_error, check.tolerance, remedy,
+                check.relative_error, check.tolerance, check.remedy,
             )
             return eager
 
